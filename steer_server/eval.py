@@ -1,0 +1,86 @@
+"""Modality following measured through an OpenAI-compatible endpoint.
+
+Every sample is sent with the official `openai` client; every failure is recorded with the sample's id
+(a run with errors reports them, it never shrinks the denominator silently).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import data as D
+from .metrics_mf import mf_report
+
+
+@dataclass
+class ServedRun:
+    answers: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+
+
+def _ask(
+    client: Any, model: str, loaded: D.LoadedSample, max_tokens: int, extra_body: dict[str, Any] | None
+) -> tuple[str, float]:
+    started = time.perf_counter()
+    reply = client.chat.completions.create(
+        model=model,
+        messages=D.openai_messages(loaded),
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body=extra_body,
+    )
+    content = reply.choices[0].message.content
+    if content is None:
+        raise ValueError("the reply has no content")
+    return content, time.perf_counter() - started
+
+
+def served_answers(
+    client: Any,
+    model: str,
+    samples: Sequence[D.LoadedSample],
+    *,
+    concurrency: int = 8,
+    max_tokens: int = 8,
+    extra_body: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> ServedRun:
+    """Greedy answers for every sample (temperature 0), `concurrency` requests in flight."""
+    from tqdm import tqdm
+
+    run = ServedRun()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        futures = {pool.submit(_ask, client, model, s, max_tokens, extra_body): s for s in samples}
+        for future in tqdm(futures, desc="served eval", disable=not progress, unit="req"):
+            sample_id = futures[future].sample.id
+            try:
+                answer, seconds = future.result()
+            except Exception as exc:  # each failure is reported by sample id
+                run.errors[sample_id] = f"{type(exc).__name__}: {exc}"
+                continue
+            run.answers[sample_id] = answer
+            run.latencies.append(seconds)
+    return run
+
+
+def served_report(samples: Sequence[D.LoadedSample], run: ServedRun) -> dict[str, Any]:
+    """MF figures over the samples that were answered, with the errors listed beside them."""
+    answered = [s.sample for s in samples if s.sample.id in run.answers]
+    report = mf_report(answered, [run.answers[s.id] for s in answered]).as_dict()
+    report["requests"] = len(samples)
+    report["errors"] = len(run.errors)
+    report["error_samples"] = dict(list(run.errors.items())[:20])
+    if run.latencies:
+        ordered = sorted(run.latencies)
+        report["latency_s"] = {
+            "p50": statistics.median(ordered),
+            "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+            "mean": statistics.fmean(ordered),
+        }
+    return report

@@ -1,0 +1,72 @@
+"""Shared fixtures. vLLM engines are session-scoped: one per configuration, ~30-60 s to start on CPU."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton has no CPU backend: where torch sees no GPU, the Triton kernel runs in Triton's interpreter so
+# that the kernel itself (not only the torch path) is tested. It must be set before triton is imported.
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before TRITON_INTERPRET could be set")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from steer_server import data as D
+from steer_server import toy
+from steer_server.engine import VllmServer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The paper's released files live in the workspace's shared folder beside the checkout (CI keeps it
+# there too); MODALITY_STEER_MF_DATA points elsewhere.
+MF_DATA = Path(
+    os.environ.get("MODALITY_STEER_MF_DATA", REPO_ROOT.parent / "shared" / "data" / "modality-following")
+)
+
+TINY_ARCH = toy.ToyArchitecture(text_hidden=128, text_layers=2, text_heads=4, head_dim=32, text_mlp=256)
+
+
+@pytest.fixture(scope="session")
+def mf_data_dir() -> Path:
+    files = sorted(MF_DATA.glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"the released modality-following files are not in {MF_DATA}")
+    return MF_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight LLaVA (2 layers x 4 heads, head_dim 32) with the toy tokenizer, built here."""
+    return toy.build_random(tmp_path_factory.mktemp("tiny-llava"), TINY_ARCH, seed=1)
+
+
+@pytest.fixture(scope="session")
+def toy_test_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The held-out synthetic test split the toy model card refers to."""
+    return toy.held_out_test_split(tmp_path_factory.mktemp("toy-data"))
+
+
+@pytest.fixture(scope="session")
+def toy_test_samples(toy_test_split: Path) -> list[D.LoadedSample]:
+    return D.load_samples(toy_test_split)
+
+
+def _server(model: Path, *args: str) -> Iterator[VllmServer]:
+    server = VllmServer(model, ["--max-model-len", "256", "--max-num-seqs", "16", "--enforce-eager", *args])
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_server(tiny_llava: Path) -> Iterator[VllmServer]:
+    yield from _server(tiny_llava)
+
+
+@pytest.fixture(scope="session")
+def toy_server() -> Iterator[VllmServer]:
+    yield from _server(toy.toy_model_dir())
