@@ -122,26 +122,156 @@ def toy_eval(
         json_out.write_text(text + "\n")
 
 
+@app.command()
+def analyze(
+    model_dir: Annotated[
+        Path,
+        typer.Argument(help="A transformers checkpoint folder (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)."),
+    ],
+    data: Annotated[Path, typer.Option(help="JSONL conflict data (heads are selected on it).")],
+    out: Annotated[Path, typer.Option(help="Profile JSON to write.")],
+    eval_data: Annotated[
+        Path | None, typer.Option(help="Held-out JSONL for the validation (default: --data).")
+    ] = None,
+    top_frac: Annotated[float, typer.Option(help="Share of all heads to select per mode, in (0, 1].")] = 0.05,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 32,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N samples.")] = None,
+    plots: Annotated[Path | None, typer.Option(help="Folder for the PNG plots.")] = None,
+    knockout_samples: Annotated[int, typer.Option(help="Conflict samples for the attention knockout.")] = 128,
+    random_draws: Annotated[int, typer.Option(help="Draws of random heads for the control.")] = 5,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Find the heads that arbitrate between image and text; validate them; write a profile."""
+    from .analysis import AnalysisConfig, AnalysisError, write_outputs
+    from .analysis import analyze as run_analysis
+    from .architectures import UnsupportedArchitectureError
+    from .hf import ModelLoadError
+
+    if device not in ("cpu", "cuda"):
+        _fail(f"--device must be cpu or cuda, got {device}")
+    config = AnalysisConfig(
+        top_frac=top_frac,
+        device=device,
+        batch_size=batch_size,
+        limit=limit,
+        knockout_samples=knockout_samples,
+        random_draws=random_draws,
+        seed=seed,
+    )
+    try:
+        result = run_analysis(model_dir, data, config, eval_data=eval_data)
+    except (AnalysisError, D.DataError, UnsupportedArchitectureError, ModelLoadError) as exc:
+        _fail(str(exc))
+    for path in write_outputs(result, out, plots):
+        typer.echo(f"wrote {path}")
+    summary = result.profile.model_extra["validation"]["summary"] if result.profile.model_extra else {}
+    typer.echo(json.dumps({"default_gain": result.profile.default_gain, **summary}, indent=2))
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Every other option is passed to vLLM's OpenAI-compatible server (python -m vllm.entrypoints.openai.api_server).",
+)
+def serve(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Model folder or name, as for vLLM.")],
+    profile: Annotated[Path, typer.Option(help="Arbitration-head profile (JSON) made for this model.")],
+    max_gain: Annotated[float, typer.Option(help="Largest gain a request may ask for.")] = 8.0,
+    allow_raw_heads: Annotated[
+        bool, typer.Option(help="Accept {'heads': [[layer, head, gain], ...]} (research).")
+    ] = False,
+    default_steer: Annotated[
+        str | None, typer.Option(help="Spec applied when a request has none, e.g. text.")
+    ] = None,
+    enforce_steer: Annotated[
+        str | None, typer.Option(help="image or text: every request is steered so; others get 403.")
+    ] = None,
+    inject_instruction: Annotated[
+        bool, typer.Option(help="Add the mode's instruction sentence to steered prompts.")
+    ] = False,
+) -> None:
+    """Serve MODEL with vLLM's OpenAI-compatible server and per-request head steering."""
+    import os
+
+    from .profile import ProfileError, load_profile
+    from .server import DEFAULT_STEER_ENV, ENFORCE_STEER_ENV, INJECT_INSTRUCTION_ENV, MIDDLEWARE_PATH
+    from .steering import Geometry, SpecError, parse_spec
+    from .vllm_plugin import ALLOW_RAW_HEADS_ENV, MAX_GAIN_ENV, PROFILE_ENV
+
+    try:
+        loaded = load_profile(profile)
+    except ProfileError as exc:
+        _fail(str(exc))
+    if not 0 <= max_gain < float("inf"):
+        _fail(f"--max-gain must be a finite number >= 0, got {max_gain}")
+    if enforce_steer is not None and enforce_steer not in ("image", "text"):
+        _fail(f"--enforce-steer must be image or text, got {enforce_steer!r}")
+    if default_steer is not None:
+        try:
+            parse_spec(
+                default_steer,
+                geometry=Geometry(loaded.model.num_layers, loaded.model.num_heads),
+                max_gain=max_gain,
+                allow_raw_heads=True,
+            )
+        except SpecError as exc:
+            _fail(f"--default-steer: {exc}")
+    env = dict(os.environ)
+    env[PROFILE_ENV] = str(profile.resolve())
+    env[MAX_GAIN_ENV] = repr(max_gain)
+    env[ALLOW_RAW_HEADS_ENV] = "1" if allow_raw_heads else "0"
+    env[INJECT_INSTRUCTION_ENV] = "1" if inject_instruction else "0"
+    for key, value in ((DEFAULT_STEER_ENV, default_steer), (ENFORCE_STEER_ENV, enforce_steer)):
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--middleware",
+        MIDDLEWARE_PATH,
+        *ctx.args,
+    ]
+    typer.echo(f"modality-steer: profile {loaded.profile_id} ({profile}); starting vLLM", err=True)
+    os.execvpe(command[0], command, env)
+
+
 @app.command("eval")
 def eval_endpoint(
     base_url: Annotated[str, typer.Option(help="Server root, e.g. http://127.0.0.1:8000")],
     model: Annotated[str, typer.Option(help="Model name as the server knows it.")],
     data: Annotated[Path, typer.Option(help="JSONL data set.")],
+    steer: Annotated[
+        str,
+        typer.Option(
+            help="modality_steer for every request (off, image, text, JSON), or instructed[:GAIN] for each sample's own mode."
+        ),
+    ] = "off",
     concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 8,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here as JSON.")] = None,
 ) -> None:
     """Measure modality following through an OpenAI-compatible endpoint (temperature 0)."""
     import openai
 
-    from .eval import served_answers, served_report
+    from .eval import served_answers, served_report, steer_body
 
     try:
         samples = D.load_samples(data)
     except D.DataError as exc:
         _fail(str(exc))
     client = openai.OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="EMPTY")
-    run = served_answers(client, model, samples, concurrency=concurrency, progress=True)
+    try:
+        body = steer_body(steer)
+    except (ValueError, json.JSONDecodeError) as exc:
+        _fail(f"--steer: {exc}")
+    run = served_answers(client, model, samples, concurrency=concurrency, extra_body=body, progress=True)
     report = served_report(samples, run)
+    report["steer"] = steer
     text = json.dumps(report, indent=2)
     typer.echo(text)
     if json_out:

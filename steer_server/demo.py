@@ -1,67 +1,230 @@
-"""`modality-steer demo`: the embedded toy model measured offline (transformers) and served (vLLM), side
-by side, on the held-out synthetic test split."""
+"""`modality-steer demo` (`make demo`): the embedded toy model and its shipped profile, served by vLLM with
+steering, measured through the endpoint like the paper's head interventions, beside the transformers
+figures recorded in the profile's validation.
+
+Arms (each sample steered by its own instruction's heads):
+- baseline: no steering;
+- block top: the profile's heads for the sample's instruction at gain 0;
+- block random: as many random heads outside the profile at gain 0 (the draws the analysis used);
+- amplify: the profile's heads at its default gain, on the samples that failed at baseline (rescued) and
+  on those that succeeded (broken).
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
+from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from . import data as D
 from . import toy
 from .engine import VllmServer
-from .eval import served_answers, served_report
+from .eval import ExtraBody, served_answers
+from .profile import MODES, Profile, load_profile
+
+TOY_PROFILE = "toy-llava.json"
 
 
-def _fmt(value: float | None) -> str:
-    return "  -  " if value is None else f"{value:.3f}"
+def toy_profile_path() -> Path:
+    return Path(str(resources.files("steer_server") / "profiles" / TOY_PROFILE))
+
+
+def _follows(samples: Sequence[D.LoadedSample], answers: dict[str, str]) -> dict[str, bool]:
+    return {s.sample.id: D.judge(s.sample, answers[s.sample.id]) == "follow" for s in samples}
+
+
+def _mode_mean(samples: Sequence[D.LoadedSample], hits: dict[str, bool]) -> float:
+    """Mean over the two instructions of each one's MF ratio (as the profile's validation reports it)."""
+    ratios = []
+    for mode in MODES:
+        chosen = [s.sample.id for s in samples if s.sample.follow == mode]
+        ratios.append(sum(hits[i] for i in chosen) / len(chosen))
+    return sum(ratios) / len(ratios)
+
+
+class _Arms:
+    def __init__(self, server: VllmServer, model: str, concurrency: int) -> None:
+        self.client = server.client()
+        self.model = model
+        self.concurrency = concurrency
+
+    def run(self, samples: Sequence[D.LoadedSample], body: ExtraBody, name: str) -> dict[str, str]:
+        if not samples:
+            return {}
+        result = served_answers(
+            self.client,
+            self.model,
+            samples,
+            concurrency=self.concurrency,
+            extra_body=body,
+            progress=True,
+            desc=name,
+        )
+        if result.errors:
+            first = next(iter(result.errors.items()))
+            raise RuntimeError(
+                f"{name}: {len(result.errors)} of {len(samples)} requests failed, first {first}"
+            )
+        return result.answers
+
+
+def _own_heads(gain: float) -> ExtraBody:
+    def body(sample: D.Sample) -> dict[str, Any]:
+        return {"modality_steer": {"follow": sample.follow, "gain": gain}}
+
+    return body
+
+
+def _raw_heads(heads_by_mode: dict[str, list[list[int]]]) -> ExtraBody:
+    def body(sample: D.Sample) -> dict[str, Any]:
+        return {
+            "modality_steer": {"heads": [[layer, head, 0.0] for layer, head in heads_by_mode[sample.follow]]}
+        }
+
+    return body
+
+
+def measure(
+    server: VllmServer, model: str, samples: Sequence[D.LoadedSample], profile: Profile, concurrency: int
+) -> dict[str, Any]:
+    arms = _Arms(server, model, concurrency)
+    conflicts = [s for s in samples if s.sample.kind == "conflict"]
+    controls = [s for s in samples if s.sample.kind == "control"]
+    validation = (profile.model_extra or {}).get("validation", {})
+    draws = [validation["modes"][m]["block_random_heads"] for m in MODES]
+
+    baseline = _follows(conflicts, arms.run(conflicts, None, "baseline"))
+    block_top = _follows(conflicts, arms.run(conflicts, _own_heads(0.0), "block top"))
+    random_ratios = []
+    for draw in range(len(draws[0])):
+        heads = {mode: draws[index][draw] for index, mode in enumerate(MODES)}
+        random_ratios.append(
+            _mode_mean(
+                conflicts,
+                _follows(conflicts, arms.run(conflicts, _raw_heads(heads), f"block random {draw + 1}")),
+            )
+        )
+    failed = [s for s in conflicts if not baseline[s.sample.id]]
+    correct = [s for s in conflicts if baseline[s.sample.id]]
+    amplify_failed = _follows(failed, arms.run(failed, _own_heads(profile.default_gain), "amplify (failed)"))
+    amplify_correct = _follows(
+        correct, arms.run(correct, _own_heads(profile.default_gain), "amplify (correct)")
+    )
+    control_base = _follows(controls, arms.run(controls, None, "controls"))
+    control_block = _follows(controls, arms.run(controls, _own_heads(0.0), "controls, block top"))
+
+    def share(hits: dict[str, bool]) -> float | None:
+        return sum(hits.values()) / len(hits) if hits else None
+
+    return {
+        "baseline": {"mf_ratio": _mode_mean(conflicts, baseline)},
+        "block_top": {"mf_ratio": _mode_mean(conflicts, block_top)},
+        "block_random": {"mf_ratio": sum(random_ratios) / len(random_ratios), "draws": random_ratios},
+        "amplify": {
+            "gain": profile.default_gain,
+            "failed": len(failed),
+            "recovered_share": share(amplify_failed),
+            "broken_share": 1 - share(amplify_correct) if amplify_correct else None,
+        },
+        "control": {"baseline_accuracy": share(control_base), "block_top_accuracy": share(control_block)},
+        "conflicts": len(conflicts),
+        "controls": len(controls),
+    }
+
+
+def offline_figures(profile: Profile) -> dict[str, Any]:
+    """The same figures from the profile's validation (transformers)."""
+    validation = (profile.model_extra or {})["validation"]
+    summary, modes = validation["summary"], validation["modes"]
+
+    def controls(key: str) -> float | None:
+        values = [modes[m][key] for m in MODES if modes[m][key] is not None]
+        weights = [modes[m]["controls"] for m in MODES if modes[m][key] is not None]
+        return sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights) if weights else None
+
+    return {
+        "baseline": {"mf_ratio": summary["mf_ratio_baseline"]},
+        "block_top": {"mf_ratio": summary["mf_ratio_block_top"]},
+        "block_random": {"mf_ratio": summary["mf_ratio_block_random"]},
+        "amplify": {
+            "recovered_share": summary["amplify_rescued_share"],
+            "broken_share": summary["amplify_broken_share"],
+        },
+        "control": {
+            "baseline_accuracy": controls("control_accuracy_baseline"),
+            "block_top_accuracy": controls("control_accuracy_block_top"),
+        },
+    }
+
+
+ROWS = [
+    ("MF ratio, no intervention", ("baseline", "mf_ratio")),
+    ("MF ratio, block arbitration heads", ("block_top", "mf_ratio")),
+    ("MF ratio, block random heads", ("block_random", "mf_ratio")),
+    ("failures rescued by amplifying", ("amplify", "recovered_share")),
+    ("correct answers broken by amplifying", ("amplify", "broken_share")),
+    ("control accuracy", ("control", "baseline_accuracy")),
+    ("control accuracy, heads blocked", ("control", "block_top_accuracy")),
+]
 
 
 def table(offline: dict[str, Any], served: dict[str, Any]) -> str:
-    rows = [
-        (
-            "MF ratio, rely on the image",
-            offline["mf_ratio_by_follow"].get("image"),
-            served["mf_ratio_by_follow"].get("image"),
-        ),
-        (
-            "MF ratio, rely on the text",
-            offline["mf_ratio_by_follow"].get("text"),
-            served["mf_ratio_by_follow"].get("text"),
-        ),
-        ("MF ratio, both", offline["mf_ratio"], served["mf_ratio"]),
-        ("control accuracy", offline["control_accuracy"], served["control_accuracy"]),
-    ]
-    lines = [f"{'':<30} {'transformers':>12} {'vLLM served':>12}"]
-    lines += [f"{name:<30} {_fmt(a):>12} {_fmt(b):>12}" for name, a, b in rows]
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    lines = [f"{'(%, held-out test split)':<40} {'transformers':>12} {'vLLM served':>12}"]
+    for name, (arm, key) in ROWS:
+        lines.append(f"{name:<40} {cell(offline[arm][key]):>12} {cell(served[arm][key]):>12}")
+    base, blocked, rand = (served[a]["mf_ratio"] for a in ("baseline", "block_top", "block_random"))
+    lines.append("")
+    lines.append(
+        f"served: blocking the profile's heads lowers the MF ratio by {100 * (base - blocked) / base:.0f}% (relative); "
+        f"random heads by {100 * (base - rand) / base:.0f}%"
+    )
     return "\n".join(lines)
 
 
-def run_demo(out: Path, *, concurrency: int = 8) -> dict[str, Any]:
+def run_demo(out: Path, *, concurrency: int = 16) -> dict[str, Any]:
+    started = time.monotonic()
     model_dir = toy.toy_model_dir()
+    profile_path = toy_profile_path()
+    profile = load_profile(profile_path)
     with tempfile.TemporaryDirectory() as scratch:
-        print(f"[1/3] writing the held-out test split (n={toy.EVAL_N}, seed={toy.EVAL_SEED})", flush=True)
-        test_path = toy.held_out_test_split(Path(scratch))
-        samples = D.load_samples(test_path)
-        print(f"[2/3] transformers: {len(samples)} samples", flush=True)
-        offline = toy.evaluate(model_dir, data=test_path, progress=True)
-        print("[3/3] vLLM: starting the OpenAI-compatible server (about a minute on CPU)", flush=True)
-        started = time.monotonic()
-        with VllmServer(
-            model_dir, ["--max-model-len", "256", "--max-num-seqs", "16", "--enforce-eager"]
-        ) as server:
-            print(f"      server up in {time.monotonic() - started:.0f} s at {server.base_url}", flush=True)
-            run = served_answers(
-                server.client(), str(model_dir), samples, concurrency=concurrency, progress=True
-            )
-        served = served_report(samples, run)
-    if served["errors"]:
-        raise RuntimeError(f"{served['errors']} requests failed, first: {served['error_samples']}")
-    results = {"model": str(model_dir), "data": offline["data"], "transformers": offline, "served": served}
+        print(
+            f"[1/3] held-out test split (n={toy.EVAL_N}, seed={toy.EVAL_SEED}) and profile {profile.profile_id}",
+            flush=True,
+        )
+        samples = D.load_samples(toy.held_out_test_split(Path(scratch)))
+        print("[2/3] starting modality-steer serve (vLLM, CPU; about a minute)", flush=True)
+        server = VllmServer(
+            model_dir,
+            ["--max-model-len", "256", "--max-num-seqs", "32", "--enforce-eager"],
+            profile=profile_path,
+            steer_args=["--allow-raw-heads"],
+        )
+        with server:
+            print(f"      up at {server.base_url}; [3/3] evaluating through the endpoint", flush=True)
+            served = measure(server, str(model_dir), samples, profile, concurrency)
+    offline = offline_figures(profile)
+    results = {
+        "model": str(model_dir),
+        "profile": str(profile_path),
+        "profile_id": profile.profile_id,
+        "data": f"synthetic test split (n={toy.EVAL_N}, seed={toy.EVAL_SEED})",
+        "served": served,
+        "transformers": offline,
+        "seconds": round(time.monotonic() - started, 1),
+    }
     out.write_text(json.dumps(results, indent=2) + "\n")
+    heatmap = profile_path.parent / f"{profile_path.stem}.heads.png"
+    if heatmap.is_file():
+        shutil.copyfile(heatmap, out.parent / heatmap.name)
     print()
     print(table(offline, served))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {out} ({results['seconds']:.0f} s)")
     return results

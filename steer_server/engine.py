@@ -48,8 +48,13 @@ class VllmServer:
         log_path: Path | None = None,
         startup_timeout: float = 420.0,
         cpu_defaults: bool = True,
+        profile: Path | None = None,
+        steer_args: Sequence[str] = (),
     ) -> None:
         self.model = str(model)
+        # With a profile the server starts through `modality-steer serve` (plugin, middleware, policy).
+        self.profile = profile
+        self.steer_args = list(steer_args)
         self.port = free_port()
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
@@ -57,6 +62,9 @@ class VllmServer:
         self._env = dict(os.environ if env is None else env)
         # Test sessions interpret Triton kernels on CPU; an engine must never inherit that.
         self._env.pop("TRITON_INTERPRET", None)
+        if profile is None:
+            # A plain server: make sure no profile leaks in from the caller's environment.
+            self._env.pop("MODALITY_STEER_PROFILE", None)
         self._workdir = tempfile.mkdtemp(prefix="modality-steer-vllm-")
         self.log_path = log_path or Path(self._workdir) / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -66,7 +74,19 @@ class VllmServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model]
+        if self.profile is not None:
+            args = [
+                sys.executable,
+                "-m",
+                "steer_server.cli",
+                "serve",
+                self.model,
+                "--profile",
+                str(self.profile),
+                *self.steer_args,
+            ]
+        else:
+            args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model]
         args += ["--host", "127.0.0.1", "--port", str(self.port)]
         if self.cpu_defaults:
             args += list(CPU_DEFAULT_ARGS)
@@ -88,7 +108,7 @@ class VllmServer:
         self._wait_healthy()
         return self
 
-    def log_tail(self, lines: int = 40) -> str:
+    def log_tail(self, lines: int = 200) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:

@@ -6,9 +6,10 @@ Every sample is sent with the official `openai` client; every failure is recorde
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,16 +25,37 @@ class ServedRun:
     latencies: list[float] = field(default_factory=list)
 
 
+ExtraBody = dict[str, Any] | Callable[[D.Sample], dict[str, Any] | None] | None
+
+
+def steer_body(spec: str) -> ExtraBody:
+    """`--steer` values: a spec sent as is, or `instructed[:GAIN]`: each sample's own instruction mode
+    (at the profile's default gain, or GAIN)."""
+    if spec == "off":
+        return None
+    if spec == "instructed" or spec.startswith("instructed:"):
+        gain = float(spec.split(":", 1)[1]) if ":" in spec else None
+
+        def per_sample(sample: D.Sample) -> dict[str, Any]:
+            value: Any = sample.follow if gain is None else {"follow": sample.follow, "gain": gain}
+            return {"modality_steer": value}
+
+        return per_sample
+    value: Any = json.loads(spec) if spec.lstrip().startswith("{") else spec
+    return {"modality_steer": value}
+
+
 def _ask(
-    client: Any, model: str, loaded: D.LoadedSample, max_tokens: int, extra_body: dict[str, Any] | None
+    client: Any, model: str, loaded: D.LoadedSample, max_tokens: int, extra_body: ExtraBody
 ) -> tuple[str, float]:
+    body = extra_body(loaded.sample) if callable(extra_body) else extra_body
     started = time.perf_counter()
     reply = client.chat.completions.create(
         model=model,
         messages=D.openai_messages(loaded),
         max_tokens=max_tokens,
         temperature=0,
-        extra_body=extra_body,
+        extra_body=body,
     )
     content = reply.choices[0].message.content
     if content is None:
@@ -48,8 +70,9 @@ def served_answers(
     *,
     concurrency: int = 8,
     max_tokens: int = 8,
-    extra_body: dict[str, Any] | None = None,
+    extra_body: ExtraBody = None,
     progress: bool = False,
+    desc: str = "served eval",
 ) -> ServedRun:
     """Greedy answers for every sample (temperature 0), `concurrency` requests in flight."""
     from tqdm import tqdm
@@ -57,7 +80,7 @@ def served_answers(
     run = ServedRun()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         futures = {pool.submit(_ask, client, model, s, max_tokens, extra_body): s for s in samples}
-        for future in tqdm(futures, desc="served eval", disable=not progress, unit="req"):
+        for future in tqdm(futures, desc=desc, disable=not progress, unit="req"):
             sample_id = futures[future].sample.id
             try:
                 answer, seconds = future.result()

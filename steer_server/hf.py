@@ -23,12 +23,33 @@ class LoadedModel:
     device: torch.device
 
 
+class ModelLoadError(ValueError):
+    """A checkpoint that does not load as its config describes it."""
+
+
 def load_model(model_dir: str | Path, *, device: str = "cpu") -> LoadedModel:
-    """Load model and processor in float32, eval mode, on `device`."""
+    """Load model and processor in float32, eval mode, on `device`.
+
+    transformers re-initialises weights whose shapes disagree with the config and only warns; an analysis
+    of such a model would be meaningless, so any missing or mismatched weight is an error here.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(model_dir))
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32)
+    # ignore_mismatched_sizes only defers the refusal to the check below, which names the weights.
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        str(model_dir), dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    problems = [
+        f"{key} (shape differs from the config: checkpoint {tuple(saved)}, config {tuple(built)})"
+        for key, saved, built in info.get("mismatched_keys", [])
+    ]
+    problems += [f"{key} (missing from the checkpoint)" for key in info.get("missing_keys", [])]
+    if problems:
+        raise ModelLoadError(
+            f"{model_dir}: the checkpoint does not match its config ({len(problems)} weights): "
+            + "; ".join(sorted(problems)[:4])
+        )
     model.to(device).eval()
     return LoadedModel(model=model, processor=processor, device=torch.device(device))
 
@@ -111,9 +132,10 @@ class HeadGains:
         return scale
 
     def __enter__(self) -> HeadGains:
+        # Every layer is hooked, even at gain 1, so that "gain 1 is an exact no-op" is a property of the
+        # hook's arithmetic and can be tested as such.
         for layer, module in enumerate(self.modules):
-            if bool((self.gains[..., layer, :] != 1).any()):
-                self.handles.append(module.register_forward_pre_hook(self._hook(layer)))
+            self.handles.append(module.register_forward_pre_hook(self._hook(layer)))
         return self
 
     def __exit__(self, *exc: object) -> None:

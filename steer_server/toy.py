@@ -67,26 +67,29 @@ def vocabulary() -> list[str]:
     return [*SPECIAL_TOKENS, *words]
 
 
-def build_tokenizer() -> Any:
+def build_tokenizer(
+    extra_special: Sequence[str] = (), chat_template: str = CHAT_TEMPLATE, image_token: str = IMAGE_TOKEN
+) -> Any:
     """A word-level fast tokenizer: one token per word, so every answer is a single token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {word: index for index, word in enumerate(vocabulary())}
+    vocab = {word: index for index, word in enumerate([*vocabulary(), *extra_special])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in extra_special])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": image_token},
         model_max_length=512,
         padding_side="right",
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -169,6 +172,82 @@ def build_random(out_dir: Path, arch: ToyArchitecture, *, seed: int = 0) -> Path
     processor = build_processor(tokenizer)
     model = LlavaForConditionalGeneration(build_config(tokenizer, arch)).eval()
     save_checkpoint(model, processor, out_dir)
+    return out_dir
+
+
+QWEN_SPECIAL = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image>\n", "<|vision_start|><|image_pad|><|vision_end|>\n")
+
+
+def build_random_qwen2_vl(
+    out_dir: Path, *, layers: int = 2, heads: int = 4, head_dim: int = 32, seed: int = 0
+) -> Path:
+    """A random-weight Qwen2-VL with the toy vocabulary (tests build these for architecture coverage)."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(QWEN_SPECIAL, QWEN_CHAT_TEMPLATE, image_token="<|image_pad|>")
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL}
+    hidden = heads * head_dim
+    quarter = head_dim // 2 // 4
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "max_position_embeddings": 512,
+            # Qwen2-VL needs sum(mrope_section) == head_dim / 2.
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
+            },
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 64,
+            "hidden_size": hidden,
+            "num_heads": 4,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    video_processor = Qwen2VLVideoProcessor(
+        min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
     return out_dir
 
 

@@ -1,0 +1,149 @@
+"""Arbitration-head profiles: the versioned JSON the analysis writes and the server applies.
+
+Required fields (exactly so named): `format`, `model` {architecture, num_layers, num_heads, head_dim},
+`default_gain`, `modes` {image, text} each with `heads` [{layer, head, score}]. Everything else
+(`model.fingerprint`, `scores`, `validation`, `provenance`, ...) is optional. `layer` and `head` are
+global indices in the language model (0-based, unsharded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROFILE_FORMAT = "modality-steer.profile/v1"
+MODES = ("image", "text")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; the message names the file and the problem."""
+
+
+class HeadEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layer: int = Field(ge=0)
+    head: int = Field(ge=0)
+    score: float
+
+    @field_validator("score")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("score must be finite")
+        return value
+
+
+class ModeHeads(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    heads: list[HeadEntry]
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    architecture: str
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    fingerprint: str | None = None
+
+
+class Profile(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    format: Literal["modality-steer.profile/v1"]
+    model: ModelInfo
+    default_gain: float = Field(ge=0)
+    modes: dict[Literal["image", "text"], ModeHeads]
+
+    @field_validator("default_gain")
+    @classmethod
+    def _finite_gain(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("default_gain must be finite")
+        return value
+
+    @model_validator(mode="after")
+    def _heads_in_range(self) -> Profile:
+        missing = [m for m in MODES if m not in self.modes]
+        if missing:
+            raise ValueError(f"modes must include both 'image' and 'text' (missing: {', '.join(missing)})")
+        for mode, entry in self.modes.items():
+            seen: set[tuple[int, int]] = set()
+            for item in entry.heads:
+                where = f"modes.{mode}.heads: layer {item.layer} head {item.head}"
+                if item.layer >= self.model.num_layers or item.head >= self.model.num_heads:
+                    raise ValueError(
+                        f"{where} is outside the model ({self.model.num_layers} layers x {self.model.num_heads} heads)"
+                    )
+                if (item.layer, item.head) in seen:
+                    raise ValueError(f"{where} is listed twice")
+                seen.add((item.layer, item.head))
+        return self
+
+    def heads(self, mode: str) -> list[tuple[int, int]]:
+        return [(h.layer, h.head) for h in self.modes[mode].heads]  # type: ignore[index]
+
+    @property
+    def profile_id(self) -> str:
+        """A short content hash: names the profile in logs, headers and metrics."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def load_profile(path: str | Path) -> Profile:
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    except FileNotFoundError as exc:
+        raise ProfileError(f"{path}: no such profile") from exc
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise ProfileError(f"{path}: not valid JSON ({exc})") from exc
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(profile)"
+        raise ProfileError(f"{path}: {where}: {first['msg']}") from exc
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in a profile")
+
+
+def save_profile(profile: Profile, path: str | Path) -> None:
+    """Validate, then write atomically: a failure never leaves a half-written profile."""
+    path = Path(path)
+    Profile.model_validate(profile.model_dump(mode="json"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".partial")
+    tmp.write_text(
+        json.dumps(profile.model_dump(mode="json", exclude_none=True), indent=2, allow_nan=False) + "\n"
+    )
+    tmp.replace(path)
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Hash of the config and the weight index (names and shapes), not of the weights' bytes: cheap, and
+    it changes whenever the architecture or checkpoint layout does."""
+    folder = Path(model_dir)
+    config = json.loads((folder / "config.json").read_text())
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        digest.update(json.dumps(sorted(json.loads(index.read_text())["weight_map"])).encode())
+    else:
+        from safetensors import safe_open
+
+        for weights in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(weights), "pt") as handle:
+                for key in sorted(handle.keys()):
+                    digest.update(f"{key}:{handle.get_slice(key).get_shape()}".encode())
+    return "sha256:" + digest.hexdigest()[:32]

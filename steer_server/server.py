@@ -1,0 +1,318 @@
+"""API-server side: the `modality_steer` request parameter, the deployment's policy, headers and metrics.
+
+One ASGI middleware in front of `/v1/chat/completions` and `/v1/completions` reads `modality_steer` from
+the top level of the JSON body or from `vllm_xargs["modality_steer"]` (same validation for both), applies
+`--default-steer` / `--enforce-steer`, and hands the engine one canonical string in `vllm_xargs`, where
+vLLM carries it to the workers as `SamplingParams.extra_args`. Anything it cannot accept is answered
+here, in the OpenAI error shape, before vLLM sees the request: nothing is ever served unsteered in place
+of what was asked or enforced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import data as D
+from .steering import OFF, SpecError, SteerSpec, parse_spec
+from .vllm_plugin import EXTRA_ARGS_KEY, PluginSettings, settings
+
+DEFAULT_STEER_ENV = "MODALITY_STEER_DEFAULT"
+ENFORCE_STEER_ENV = "MODALITY_STEER_ENFORCE"
+INJECT_INSTRUCTION_ENV = "MODALITY_STEER_INJECT_INSTRUCTION"
+STEERED_PATHS = ("/v1/chat/completions", "/v1/completions")
+HEADER = b"x-modality-steer"
+MAX_BODY_BYTES = 64 * 2**20
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class PolicyError(Exception):
+    """A request the deployment refuses: status 400 (malformed) or 403 (against policy)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Policy:
+    plugin: PluginSettings
+    default: SteerSpec
+    enforce: SteerSpec | None
+    inject_instruction: bool
+
+    @classmethod
+    def from_environment(cls, plugin: PluginSettings) -> Policy:
+        def spec(env: str) -> SteerSpec | None:
+            raw = os.environ.get(env)
+            if not raw:
+                return None
+            try:
+                return parse_spec(
+                    raw, geometry=plugin.geometry, max_gain=plugin.max_gain, allow_raw_heads=True
+                )
+            except SpecError as exc:
+                raise SpecError(f"{env}={raw!r}: {exc}") from exc
+
+        enforce = spec(ENFORCE_STEER_ENV)
+        if enforce is not None and enforce.mode not in ("image", "text"):
+            raise SpecError(f"{ENFORCE_STEER_ENV} must be 'image' or 'text'")
+        return cls(
+            plugin=plugin,
+            default=spec(DEFAULT_STEER_ENV) or OFF,
+            enforce=enforce,
+            inject_instruction=os.environ.get(INJECT_INSTRUCTION_ENV, "0") == "1",
+        )
+
+    def parse(self, value: Any, *, allow_raw_heads: bool | None = None) -> SteerSpec:
+        allow = self.plugin.allow_raw_heads if allow_raw_heads is None else allow_raw_heads
+        try:
+            return parse_spec(
+                value, geometry=self.plugin.geometry, max_gain=self.plugin.max_gain, allow_raw_heads=allow
+            )
+        except SpecError as exc:
+            raise PolicyError(400, "invalid", str(exc)) from exc
+
+    def decide(self, payload: dict[str, Any]) -> SteerSpec:
+        """The spec a request runs with, or PolicyError."""
+        top_level = payload.get(EXTRA_ARGS_KEY)
+        xargs = payload.get("vllm_xargs")
+        if xargs is not None and not isinstance(xargs, dict):
+            raise PolicyError(400, "invalid", "vllm_xargs must be an object")
+        in_xargs = (xargs or {}).get(EXTRA_ARGS_KEY)
+        if top_level is not None and in_xargs is not None:
+            raise PolicyError(400, "invalid", "give modality_steer once: top level or vllm_xargs, not both")
+        if in_xargs is not None and not isinstance(in_xargs, str):
+            raise PolicyError(400, "invalid", "vllm_xargs.modality_steer must be a string (JSON for objects)")
+        asked = top_level if top_level is not None else in_xargs
+        if self.enforce is not None:
+            if asked is None:
+                return self.enforce
+            # Malformed is 400; anything well formed that differs from the enforced steering (raw heads
+            # included) is refused by policy.
+            requested = self.parse(asked, allow_raw_heads=True)
+            if requested != self.enforce:
+                raise PolicyError(
+                    403,
+                    "policy",
+                    f"this deployment enforces modality_steer={self.enforce.to_wire()!r}; the request asked for "
+                    f"{requested.to_wire()!r}",
+                )
+            return self.enforce
+        return self.parse(asked) if asked is not None else self.default
+
+
+def rewrite(payload: dict[str, Any], spec: SteerSpec, policy: Policy) -> dict[str, Any]:
+    """The body vLLM receives: no top-level field, the canonical spec in vllm_xargs, maybe the instruction."""
+    body = {k: v for k, v in payload.items() if k != EXTRA_ARGS_KEY}
+    xargs = {k: v for k, v in (body.get("vllm_xargs") or {}).items() if k != EXTRA_ARGS_KEY}
+    if spec.mode != "off":
+        xargs[EXTRA_ARGS_KEY] = spec.to_wire()
+    if xargs:
+        body["vllm_xargs"] = xargs
+    else:
+        body.pop("vllm_xargs", None)
+    if policy.inject_instruction and spec.mode in ("image", "text"):
+        _inject(body, D.INSTRUCTIONS[spec.mode])
+    return body
+
+
+def _inject(body: dict[str, Any], sentence: str) -> None:
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, str):
+                    message["content"] = f"{sentence}\n{content}"
+                elif isinstance(content, list):
+                    content.insert(0, {"type": "text", "text": sentence + "\n"})
+                return
+        raise PolicyError(
+            400, "invalid", "--inject-instruction needs a user message to add the instruction to"
+        )
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        body["prompt"] = f"{sentence}\n{prompt}"
+    elif isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        body["prompt"] = [f"{sentence}\n{p}" for p in prompt]
+    else:
+        raise PolicyError(400, "invalid", "--inject-instruction works on text prompts only")
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics (default registry, which vLLM's /metrics serves; never the `vllm:` prefix, see design notes §4).
+# --------------------------------------------------------------------------------------------------
+
+
+class _Metrics:
+    def __init__(self, plugin: PluginSettings) -> None:
+        from prometheus_client import Counter, Info
+
+        self.requests = Counter("modality_steer_requests", "Requests by effective steering mode", ["mode"])
+        self.rejected = Counter("modality_steer_rejected", "Requests refused by modality-steer", ["reason"])
+        self.info = Info("modality_steer_profile", "The arbitration-head profile this server applies")
+        self.info.info(
+            {
+                "profile_id": plugin.profile.profile_id,
+                "model": plugin.profile.model.architecture,
+                "profile_path": str(plugin.profile_path),
+            }
+        )
+
+
+_METRICS: _Metrics | None = None
+
+
+def metrics(plugin: PluginSettings) -> _Metrics:
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = _Metrics(plugin)
+    return _METRICS
+
+
+# --------------------------------------------------------------------------------------------------
+# The middleware.
+# --------------------------------------------------------------------------------------------------
+
+
+def _header_value(spec: SteerSpec, plugin: PluginSettings) -> bytes:
+    if spec.mode == "heads":
+        gain = "raw"
+    else:
+        gain = format(plugin.profile.default_gain if spec.gain is None else spec.gain, "g")
+    return f"mode={spec.mode}; gain={gain}; profile={plugin.profile.profile_id}".encode()
+
+
+async def _error(send: Send, status: int, message: str) -> None:
+    kind = {400: "BadRequestError", 403: "PermissionDeniedError", 413: "RequestTooLargeError"}.get(
+        status, "Error"
+    )
+    body = json.dumps(
+        {"error": {"message": message, "type": kind, "param": EXTRA_ARGS_KEY, "code": status}}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class ModalitySteerMiddleware:
+    """ASGI middleware: validate, apply policy, rewrite, label the response, count."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+        plugin = settings()
+        if plugin is None:
+            raise RuntimeError("ModalitySteerMiddleware needs a profile (MODALITY_STEER_PROFILE)")
+        self.plugin = plugin
+        self.policy = Policy.from_environment(plugin)
+        self.metrics = metrics(plugin)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in STEERED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > MAX_BODY_BYTES:
+                self.metrics.rejected.labels(reason="too_large").inc()
+                await _error(send, 413, f"request body over {MAX_BODY_BYTES} bytes")
+                return
+            if not message.get("more_body", False):
+                break
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            payload = None
+        if not isinstance(payload, dict):
+            # Not ours to judge: vLLM answers malformed JSON itself. Only a body that carries no
+            # steering can get here (we cannot see any), so nothing is served unsteered by mistake
+            # unless a policy applies, and then it is refused.
+            if self.policy.enforce is not None or self.policy.default.mode != "off":
+                self.metrics.rejected.labels(reason="invalid").inc()
+                await _error(send, 400, "the request body is not a JSON object")
+                return
+            await self.app(scope, _replay(body), send)
+            return
+        try:
+            spec = self.policy.decide(payload)
+            new_body = json.dumps(rewrite(payload, spec, self.policy)).encode()
+        except PolicyError as exc:
+            self.metrics.rejected.labels(reason=exc.reason).inc()
+            await _error(send, exc.status, str(exc))
+            return
+        spec_header = _header_value(spec, self.plugin) if spec.mode != "off" else b""
+        self.metrics.requests.labels(mode=spec.mode).inc()
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(new_body)).encode()))
+        scope = dict(scope, headers=headers)
+
+        async def labelled_send(message: Message) -> None:
+            if (
+                message["type"] == "http.response.start"
+                and spec_header
+                and 200 <= message.get("status", 500) < 300
+            ):
+                message = dict(message, headers=[*message.get("headers", []), (HEADER, spec_header)])
+            await send(message)
+
+        await self.app(scope, _replay(new_body), labelled_send)
+
+
+def _replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        # After the body, the request is complete; wait like a real connection would.
+        import asyncio
+
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+MIDDLEWARE_PATH = f"{ModalitySteerMiddleware.__module__}.{ModalitySteerMiddleware.__name__}"
+
+
+def patch_api_server() -> None:
+    """Make sure the middleware is installed in a plain `python -m vllm.entrypoints.openai.api_server`
+    launch too (`modality-steer serve` passes it with --middleware)."""
+    from vllm.entrypoints.launchers import app as launcher_app
+    from vllm.entrypoints.serve.middleware import register as middleware_register
+
+    original = middleware_register.init_entrypoints_middleware
+    if getattr(original, "_modality_steer", False):
+        return
+
+    def init_entrypoints_middleware(args: Any, *rest: Any, **kwargs: Any) -> Any:
+        middlewares = list(getattr(args, "middleware", None) or [])
+        if MIDDLEWARE_PATH not in middlewares:
+            args.middleware = [*middlewares, MIDDLEWARE_PATH]
+        return original(args, *rest, **kwargs)
+
+    init_entrypoints_middleware._modality_steer = True  # type: ignore[attr-defined]
+    # The launcher imported the function by name: rebind it there too.
+    middleware_register.init_entrypoints_middleware = init_entrypoints_middleware
+    launcher_app.init_entrypoints_middleware = init_entrypoints_middleware

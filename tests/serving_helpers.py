@@ -1,0 +1,118 @@
+"""Helpers shared by the serving tests: a tiny model's profile, requests, and the transformers reference."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from steer_server import data as D
+from steer_server import hf
+from steer_server.architectures import geometry_of
+from steer_server.profile import Profile, load_profile
+from steer_server.steering import Geometry, effective_gains, gains_matrix, parse_spec
+
+MAX_TOKENS = 4
+
+
+def write_profile(model_dir: Path, path: Path, *, fingerprint: str | None = None) -> Path:
+    """A hand-made profile for a tiny random model: two image heads, one text head."""
+    config = json.loads((model_dir / "config.json").read_text())
+    text = config["text_config"]
+    heads = text["num_attention_heads"]
+    profile = {
+        "format": "modality-steer.profile/v1",
+        "model": {
+            "architecture": config["architectures"][0],
+            "num_layers": text["num_hidden_layers"],
+            "num_heads": heads,
+            "head_dim": text.get("head_dim") or text["hidden_size"] // heads,
+        },
+        "default_gain": 3.0,
+        "modes": {
+            "image": {
+                "heads": [
+                    {"layer": 1, "head": 0, "score": 0.5},
+                    {"layer": 0, "head": heads - 1, "score": 0.3},
+                ]
+            },
+            "text": {"heads": [{"layer": 1, "head": heads - 1, "score": 0.4}]},
+        },
+    }
+    if fingerprint:
+        profile["model"]["fingerprint"] = fingerprint
+    path.write_text(json.dumps(profile))
+    return path
+
+
+def image_url(colour: tuple[int, int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat(client: Any, model: str, loaded: D.LoadedSample, steer: Any = None, **kwargs: Any) -> Any:
+    extra: dict[str, Any] = {"ignore_eos": True}
+    if steer is not None:
+        extra["modality_steer"] = steer
+    return client.chat.completions.create(
+        model=model,
+        messages=D.openai_messages(loaded),
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+        extra_body=extra,
+        **kwargs,
+    )
+
+
+def served_steps(reply: Any) -> list[tuple[str, dict[str, float]]]:
+    return [
+        (step.token.strip(), {t.token.strip(): t.logprob for t in step.top_logprobs})
+        for step in reply.choices[0].logprobs.content
+    ]
+
+
+def reference_steps(
+    loaded_model: hf.LoadedModel, profile: Profile, sample: D.LoadedSample, steer: Any
+) -> list[tuple[str, dict[str, float]]]:
+    """Greedy steps and top-5 logprobs from transformers with the same gains (pre-hooks on o_proj)."""
+    geometry = geometry_of(loaded_model.model.config)
+    spec = parse_spec(
+        steer if steer is not None else "off",
+        geometry=Geometry(geometry.num_layers, geometry.num_heads),
+        allow_raw_heads=True,
+    )
+    gains = gains_matrix(effective_gains(spec, profile), geometry.num_layers, geometry.num_heads)
+    batch = hf.encode(loaded_model, [sample])
+    tokenizer = loaded_model.processor.tokenizer
+    with torch.inference_mode(), hf.HeadGains(loaded_model.model, gains):
+        out = loaded_model.model.generate(
+            **batch,
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            eos_token_id=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    steps = []
+    for logits in out.logits:
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        top = torch.topk(logprobs, 5)
+        words = {
+            tokenizer.convert_ids_to_tokens(int(i)): float(v)
+            for v, i in zip(top.values, top.indices, strict=True)
+        }
+        steps.append((tokenizer.convert_ids_to_tokens(int(logprobs.argmax())), words))
+    return steps
+
+
+def profile_of(path: Path) -> Profile:
+    return load_profile(path)

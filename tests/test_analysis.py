@@ -1,0 +1,250 @@
+"""The analysis: head-intervention invariants on tiny models, the metric, the whole pipeline on tiny
+random LLaVA and Qwen2-VL, and every bad input refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from steer_server import data as D
+from steer_server import hf, toy
+from steer_server.analysis import AnalysisConfig, AnalysisError, analyze, score_logits, spearman
+from steer_server.architectures import UnsupportedArchitectureError, geometry_of, o_proj_modules
+from steer_server.profile import load_profile
+
+CLI = [sys.executable, "-m", "steer_server.cli"]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory):
+    return toy.build_random_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"), seed=2)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    return D.synth_dataset(tmp_path_factory.mktemp("small-data"), 240, seed=9)
+
+
+@pytest.fixture(params=["llava", "qwen2_vl"])
+def tiny_model(request, tiny_llava, tiny_qwen2_vl):
+    return {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}[request.param]
+
+
+def _logits(loaded, batch, gains=None):
+    with torch.inference_mode():
+        if gains is None:
+            return loaded.model(**batch).logits
+        with hf.HeadGains(loaded.model, gains):
+            return loaded.model(**batch).logits
+
+
+def test_head_gain_invariants(tiny_model, small_data):
+    loaded = hf.load_model(tiny_model)
+    geometry = geometry_of(loaded.model.config)
+    batch = hf.encode(loaded, D.load_samples(small_data["test"])[:4])
+    plain = _logits(loaded, batch)
+    # Gain 1 everywhere is an exact no-op (every layer is hooked).
+    assert torch.equal(_logits(loaded, batch, torch.ones(geometry.num_layers, geometry.num_heads)), plain)
+    # Gain 0 on a head equals zeroing the o_proj weight columns that read it.
+    layer, head = geometry.num_layers - 1, 1
+    gains = torch.ones(geometry.num_layers, geometry.num_heads)
+    gains[layer, head] = 0.0
+    blocked = _logits(loaded, batch, gains)
+    o_proj = o_proj_modules(loaded.model)[layer]
+    saved = o_proj.weight.detach().clone()
+    with torch.no_grad():
+        o_proj.weight[:, head * geometry.head_dim : (head + 1) * geometry.head_dim] = 0.0
+    try:
+        zeroed = _logits(loaded, batch)
+    finally:
+        with torch.no_grad():
+            o_proj.weight.copy_(saved)
+    assert not torch.allclose(blocked, plain, atol=1e-4)
+    torch.testing.assert_close(blocked, zeroed, atol=1e-5, rtol=0)
+    # Per-row gains equal each row run with its own gains.
+    per_row = torch.ones(4, geometry.num_layers, geometry.num_heads)
+    per_row[1, 0, 0] = 0.0
+    per_row[2, layer, head] = 3.0
+    mixed = _logits(loaded, batch, per_row)
+    for row in range(4):
+        alone = _logits(loaded, batch, per_row[row])
+        torch.testing.assert_close(mixed[row], alone[row], atol=1e-5, rtol=0)
+
+
+def test_head_contributions_sum_to_attention_output(tiny_llava):
+    loaded = hf.load_model(tiny_llava)
+    geometry = geometry_of(loaded.model.config)
+    o_proj = o_proj_modules(loaded.model)[0]
+    z = torch.randn(3, 5, geometry.num_heads * geometry.head_dim)
+    parts = []
+    for head in range(geometry.num_heads):
+        only = torch.zeros_like(z)
+        span = slice(head * geometry.head_dim, (head + 1) * geometry.head_dim)
+        only[..., span] = z[..., span]
+        parts.append(o_proj(only))
+    torch.testing.assert_close(sum(parts), o_proj(z), atol=1e-5, rtol=1e-5)
+
+
+def test_metric_pools_surface_forms_and_judges_greedy():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.1, 0.2, 0.6]]))
+    scored = score_logits(logits, instructed=[[0, 1], [0]], competing=[[2], [3, 2]])
+    assert scored.metric[0].item() == pytest.approx(torch.log(torch.tensor(0.7 / 0.2)).item(), abs=1e-6)
+    assert scored.metric[1].item() == pytest.approx(torch.log(torch.tensor(0.1 / 0.8)).item(), abs=1e-6)
+    assert scored.follows.tolist() == [True, False]
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) is None
+
+
+@pytest.mark.slow
+def test_analysis_end_to_end(tiny_model, small_data, tmp_path):
+    out = tmp_path / "profile.json"
+    plots = tmp_path / "plots"
+    done = subprocess.run(
+        [
+            *CLI,
+            "analyze",
+            str(tiny_model),
+            "--data",
+            str(small_data["train"]),
+            "--eval-data",
+            str(small_data["test"]),
+            "--out",
+            str(out),
+            "--plots",
+            str(plots),
+            "--limit",
+            "48",
+            "--knockout-samples",
+            "8",
+            "--top-frac",
+            "0.25",
+            "--random-draws",
+            "2",
+            "--batch-size",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    profile = load_profile(out)
+    raw = json.loads(out.read_text())
+    geometry = (profile.model.num_layers, profile.model.num_heads)
+    k = round(0.25 * geometry[0] * geometry[1])
+    for mode in ("image", "text"):
+        assert len(profile.heads(mode)) == k
+        assert (
+            raw["modes"][mode]["candidates_ablated"] >= 3 * k
+            or raw["modes"][mode]["candidates_ablated"] == geometry[0] * geometry[1]
+        )
+        assert len(raw["scores"]["attribution"][mode]) == geometry[0]
+        validation = raw["validation"]["modes"][mode]
+        for key in ("mf_ratio_baseline", "mf_ratio_block_top", "mf_ratio_block_random"):
+            assert 0.0 <= validation[key] <= 1.0
+        assert len(validation["mf_ratio_block_random_draws"]) == 2
+        assert set(validation["gain_sweep"]) == {"1.5", "2.0", "3.0", "4.0", "6.0"}
+    assert profile.default_gain in (1.5, 2.0, 3.0, 4.0, 6.0)
+    assert raw["provenance"]["data_sha256"] == D.data_digest(small_data["train"])
+    assert raw["model"]["fingerprint"].startswith("sha256:")
+    flow = json.loads((tmp_path / "profile.knockout.json").read_text())
+    assert set(flow["edges"]) >= {"image->instruction", "context->instruction", "instruction->last"}
+    # Cutting any edge into the instruction in the last layer cannot reach the last position.
+    for edge in ("image->instruction", "context->instruction"):
+        assert flow["edges"][edge]["delta_metric"][-1] == pytest.approx(0.0, abs=1e-6)
+    for png in ("profile.heads.png", "profile.knockout.png"):
+        assert (plots / png).stat().st_size > 10_000
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, small_data):
+    good = [json.loads(line) for line in small_data["test"].read_text().splitlines()]
+    for record in good:
+        if record["image"]:
+            record["image"] = str(small_data["test"].parent / record["image"])
+    no_question = {k: v for k, v in good[0].items() if k != "question"}
+    missing_image = {**good[0], "image": str(tmp_path / "nope.png")}
+    return {
+        "missing field": (
+            _jsonl(tmp_path / "a.jsonl", [good[1], no_question]),
+            {},
+            "a.jsonl:2: field 'question': Field required",
+        ),
+        "missing image": (_jsonl(tmp_path / "b.jsonl", [missing_image]), {}, "1 image(s) missing"),
+        "empty": (_jsonl(tmp_path / "c.jsonl", []), {}, "the data set is empty"),
+        "no conflicts": (
+            _jsonl(tmp_path / "d.jsonl", [r for r in good if r["kind"] == "control"]),
+            {},
+            "no conflict samples",
+        ),
+        "top-frac 0": (small_data["test"], {"top_frac": 0.0}, "--top-frac must lie in (0, 1], got 0.0"),
+        "top-frac 1.5": (small_data["test"], {"top_frac": 1.5}, "--top-frac must lie in (0, 1], got 1.5"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["missing field", "missing image", "empty", "no conflicts", "top-frac 0", "top-frac 1.5"]
+)
+def test_bad_input_is_refused(bad_inputs, tiny_llava, case):
+    path, options, needle = bad_inputs[case]
+    with pytest.raises((AnalysisError, D.DataError)) as caught:
+        analyze(tiny_llava, path, AnalysisConfig(progress=False, **options))
+    assert needle in str(caught.value)
+
+
+def test_head_count_mismatch_is_refused(tiny_llava, small_data, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llava, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["text_config"]["num_attention_heads"] = 2
+    config["text_config"]["num_key_value_heads"] = 2
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        hf.ModelLoadError, match=r"does not match its config .*self_attn.o_proj.weight \(shape differs"
+    ):
+        analyze(broken, small_data["test"], AnalysisConfig(progress=False, limit=8))
+
+
+def test_unsupported_architecture_lists_supported(tiny_llava, tmp_path, small_data):
+    config = json.loads((tiny_llava / "config.json").read_text())
+    with pytest.raises(
+        UnsupportedArchitectureError, match="supported: LlavaForConditionalGeneration, LlavaNext"
+    ):
+        geometry_of(type("C", (), {"architectures": ["MllamaForConditionalGeneration"], **config})())
+
+
+def test_cli_exit_code_and_nothing_written(small_data, tiny_llava, tmp_path):
+    out = tmp_path / "p.json"
+    done = subprocess.run(
+        [
+            *CLI,
+            "analyze",
+            str(tiny_llava),
+            "--data",
+            str(small_data["test"]),
+            "--out",
+            str(out),
+            "--top-frac",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2 and "--top-frac must lie in (0, 1]" in done.stderr
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
