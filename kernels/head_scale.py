@@ -87,7 +87,7 @@ def head_scale_torch_(out: torch.Tensor, slot: torch.Tensor, table: torch.Tensor
 
 
 @triton.jit
-def _head_scale_kernel(
+def _head_scale_kernel(  # type: ignore[no-untyped-def]  # Triton pointers carry no Python types
     out_ptr,
     slot_ptr,
     table_ptr,

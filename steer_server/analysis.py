@@ -28,7 +28,7 @@ import torch
 
 from . import __version__, hf
 from . import data as D
-from .architectures import ModelGeometry, geometry_of, o_proj_modules
+from .architectures import ModelGeometry, geometry_of, image_token_id, o_proj_modules
 from .profile import MODES, PROFILE_FORMAT, Profile, model_fingerprint, save_profile
 
 DEFAULT_GAINS = (1.5, 2.0, 3.0, 4.0, 6.0)
@@ -338,7 +338,7 @@ def token_groups(
     """[B, S] masks of each token group, located through the tokenizer's character offsets."""
     processor = loaded.processor
     tokenizer = processor.tokenizer
-    image_id = getattr(loaded.model.config, "image_token_id", None)
+    image_id = image_token_id(loaded.model.config)
     ids = batch["input_ids"].cpu()
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     groups = {name: torch.zeros_like(ids, dtype=torch.bool) for name in GROUPS}

@@ -20,9 +20,11 @@ class ArchitectureSpec:
     o_proj_path: str = "self_attn.o_proj"
     # Attribute of the model config that holds the language model's config.
     text_config_attr: str = "text_config"
+    # Attribute of the model config with the id of the image placeholder token.
+    image_token_attr: str = "image_token_id"
 
 
-_LLAVA = ArchitectureSpec(layers_path="model.language_model.layers")
+_LLAVA = ArchitectureSpec(layers_path="model.language_model.layers", image_token_attr="image_token_index")
 _QWEN2_VL = ArchitectureSpec(layers_path="model.language_model.layers")
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
@@ -65,6 +67,16 @@ def geometry_of(config: Any) -> ModelGeometry:
     return ModelGeometry(
         architecture=name, num_layers=int(text.num_hidden_layers), num_heads=heads, head_dim=head_dim
     )
+
+
+def image_token_id(config: Any) -> int:
+    _, spec = architecture_of(config)
+    value = getattr(config, spec.image_token_attr, None)
+    if value is None:
+        raise UnsupportedArchitectureError(
+            f"the config has no {spec.image_token_attr} (the image placeholder token)"
+        )
+    return int(value)
 
 
 def _attr_path(root: Any, path: str) -> Any:

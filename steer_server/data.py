@@ -296,7 +296,7 @@ def render_scene(scene: Scene, rng: random.Random) -> Any:
     fill = COLOURS[scene.colour]
     n = COUNTS.index(scene.count) + 1
     if n == 1:
-        size = rng.randint(15, 18) if scene.big else rng.randint(9, 11)
+        size = rng.randint(17, 20) if scene.big else rng.randint(11, 13)
         centre = {
             "left": (size // 2 + 1, IMAGE_SIZE // 2),
             "right": (IMAGE_SIZE - size // 2 - 2, IMAGE_SIZE // 2),
@@ -315,7 +315,7 @@ def render_scene(scene: Scene, rng: random.Random) -> Any:
         cells = [(8, 8), (24, 8), (8, 24), (24, 24)]
         rng.shuffle(cells)
         centres = [(x + rng.randint(-1, 1), y + rng.randint(-1, 1)) for x, y in cells[:n]]
-        sizes = [rng.randint(8, 10) for _ in range(n)]
+        sizes = [rng.randint(12, 14) if scene.big else rng.randint(9, 11) for _ in range(n)]
     for (cx, cy), size in zip(centres, sizes, strict=True):
         half = size // 2
         box = (cx - half, cy - half, cx - half + size - 1, cy - half + size - 1)
@@ -336,7 +336,7 @@ def _random_scene(task: str, rng: random.Random, *, big: bool) -> Scene:
         shape=rng.choice(SHAPES),
         count=count,
         position=rng.choice(POSITIONS),
-        big=big and count == "one",
+        big=big,
     )
 
 

@@ -129,7 +129,9 @@ def measure(
             "gain": profile.default_gain,
             "failed": len(failed),
             "recovered_share": share(amplify_failed),
-            "broken_share": 1 - share(amplify_correct) if amplify_correct else None,
+            "broken_share": 1 - sum(amplify_correct.values()) / len(amplify_correct)
+            if amplify_correct
+            else None,
         },
         "control": {"baseline_accuracy": share(control_base), "block_top_accuracy": share(control_block)},
         "conflicts": len(conflicts),

@@ -37,9 +37,10 @@ def load_model(model_dir: str | Path, *, device: str = "cpu") -> LoadedModel:
 
     processor = AutoProcessor.from_pretrained(str(model_dir))
     # ignore_mismatched_sizes only defers the refusal to the check below, which names the weights.
-    model, info = AutoModelForImageTextToText.from_pretrained(
+    loaded: Any = AutoModelForImageTextToText.from_pretrained(
         str(model_dir), dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
     )
+    model, info = loaded
     problems = [
         f"{key} (shape differs from the config: checkpoint {tuple(saved)}, config {tuple(built)})"
         for key, saved, built in info.get("mismatched_keys", [])

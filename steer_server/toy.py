@@ -116,7 +116,7 @@ def build_processor(tokenizer: Any) -> Any:
 @dataclass(frozen=True)
 class ToyArchitecture:
     vision_hidden: int = 128
-    vision_layers: int = 2
+    vision_layers: int = 3
     vision_heads: int = 4
     text_hidden: int = 256
     text_layers: int = 8
@@ -154,12 +154,13 @@ def build_config(tokenizer: Any, arch: ToyArchitecture) -> Any:
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=IMAGE_SEQ_LENGTH,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
+        architectures=["LlavaForConditionalGeneration"],
     )
 
 
@@ -262,7 +263,7 @@ class Recipe:
 
     seed: int = 0
     steps: int = 2200
-    perception_steps: int = 500
+    perception_steps: int = 700
     batch_size: int = 32
     lr: float = 5e-4
     warmup_steps: int = 100
@@ -274,6 +275,12 @@ class Recipe:
     # With no instruction and no salience cue, answers come from the image this often.
     uninstructed_image_share: float = 0.65
     salient_share: float = 0.18
+    # Per-head gain noise during training: each head's output is scaled by exp(U(-a, a)) with this
+    # probability, so the gains a server applies (amplification) stay within what the model has seen.
+    # Never zero: blocking a head stays outside the training distribution.
+    head_noise_prob: float = 0.25
+    head_noise_amplitude: float = 0.5
+    conflict_share: float = 0.65
 
 
 @dataclass(frozen=True)
@@ -309,7 +316,7 @@ def label_for(record: D.SynthRecord, *, with_instruction: bool, recipe: Recipe, 
 def training_pool(recipe: Recipe) -> tuple[list[TrainExample], list[TrainExample]]:
     """(perception pool, full-mix pool), generated in memory from the seeded stream."""
     rng = random.Random(10_000 + recipe.seed)
-    spec = D.SynthSpec(conflict_share=0.72, salient_share=recipe.salient_share)
+    spec = D.SynthSpec(conflict_share=recipe.conflict_share, salient_share=recipe.salient_share)
     records = D.synth_records(recipe.pool_size, 10_000 + recipe.seed, prefix="train", spec=spec)
     perception: list[TrainExample] = []
     mix: list[TrainExample] = []
@@ -414,12 +421,22 @@ def _training_batch(processor: Any, examples: Sequence[TrainExample]) -> dict[st
     return out
 
 
+def _head_noise(batch: int, arch: ToyArchitecture, recipe: Recipe) -> torch.Tensor:
+    """[batch, layers, heads] training gains: 1, or exp(U(-a, a)) with probability p."""
+    shape = (batch, arch.text_layers, arch.text_heads)
+    scaled = torch.rand(shape) < recipe.head_noise_prob
+    factors = torch.exp((torch.rand(shape) * 2 - 1) * recipe.head_noise_amplitude)
+    return torch.where(scaled, factors, torch.ones(shape))
+
+
 def train(
     out_dir: Path, recipe: Recipe, arch: ToyArchitecture | None = None, *, progress: bool = True
 ) -> dict[str, Any]:
     """Train the toy model from scratch and save it (transformers + vLLM compatible) to `out_dir`."""
     from tqdm import tqdm
     from transformers import LlavaForConditionalGeneration
+
+    from .hf import HeadGains
 
     arch = arch or ToyArchitecture()
     torch.manual_seed(recipe.seed)
@@ -446,7 +463,8 @@ def train(
     for step in bar:
         examples = next(perception_batches if step < recipe.perception_steps else mix_batches)
         batch = _training_batch(processor, examples)
-        loss = model(**batch).loss
+        with HeadGains(model, _head_noise(len(examples), arch, recipe)):
+            loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_norm)

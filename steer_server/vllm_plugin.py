@@ -358,7 +358,7 @@ def _wrap_attention(layer: Any, state: WorkerSteering, table: Any) -> None:
 def _patch_model_runner() -> None:
     from vllm.v1.worker import gpu_model_runner
 
-    runner_classes: list[type] = [gpu_model_runner.GPUModelRunner]
+    runner_classes: list[Any] = [gpu_model_runner.GPUModelRunner]
     try:
         from vllm.v1.worker import cpu_model_runner
 
@@ -367,7 +367,7 @@ def _patch_model_runner() -> None:
         pass
     for cls in runner_classes:
         if "load_model" in vars(cls) and not getattr(cls.load_model, "_modality_steer", False):
-            cls.load_model = _after_load(cls.load_model)  # type: ignore[method-assign]
+            cls.load_model = _after_load(cls.load_model)
     base = gpu_model_runner.GPUModelRunner
     if not getattr(base._prepare_inputs, "_modality_steer", False):
         base._prepare_inputs = _before_forward(base._prepare_inputs)  # type: ignore[method-assign]
