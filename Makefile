@@ -7,7 +7,7 @@ LOCK := requirements.lock
 # The venv is rebuilt when the lock file or the package metadata (entry points) change.
 STAMP := $(VENV)/.stamp-$(shell cat $(LOCK) pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: venv demo test lint format typecheck bench kernel-bench clean
+.PHONY: venv demo test lint format typecheck bench clean
 
 venv: $(STAMP)
 
@@ -40,8 +40,10 @@ typecheck: venv
 test: lint
 	$(BIN)/pytest
 
+# Performance runs (not in CI): the kernel (Triton figures need a CUDA GPU) and throughput against plain vLLM.
 bench: venv
-	$(BIN)/python benchmarks/kernel_bench.py
+	$(BIN)/python benchmarks/kernel_bench.py --json benchmarks/kernel_bench.json
+	$(BIN)/python benchmarks/throughput.py --json benchmarks/throughput.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

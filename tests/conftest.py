@@ -1,4 +1,5 @@
-"""Shared fixtures. vLLM engines are session-scoped: one per configuration, ~30-60 s to start on CPU."""
+"""Shared fixtures. vLLM engines are module-scoped (one per configuration and test module, ~30-60 s to start
+on CPU) so that no more of them than a module needs share the machine's memory."""
 
 from __future__ import annotations
 
@@ -56,17 +57,24 @@ def toy_test_samples(toy_test_split: Path) -> list[D.LoadedSample]:
     return D.load_samples(toy_test_split)
 
 
+@pytest.fixture(scope="session")
+def serve_samples(tmp_path_factory: pytest.TempPathFactory) -> list[D.LoadedSample]:
+    """Sixteen synthetic samples (conflicts and controls, with images) for the serving tests."""
+    paths = D.synth_dataset(tmp_path_factory.mktemp("serve-data"), 240, seed=11)
+    return D.load_samples(paths["test"])[:16]
+
+
 def _server(model: Path, *args: str) -> Iterator[VllmServer]:
     server = VllmServer(model, ["--max-model-len", "256", "--max-num-seqs", "16", "--enforce-eager", *args])
     with server:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_llava_server(tiny_llava: Path) -> Iterator[VllmServer]:
     yield from _server(tiny_llava)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def toy_server() -> Iterator[VllmServer]:
     yield from _server(toy.toy_model_dir())

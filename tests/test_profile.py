@@ -6,23 +6,11 @@ import copy
 import json
 
 import pytest
+from helpers import MINIMAL_PROFILE
 
 from steer_server.profile import ProfileError, load_profile, model_fingerprint, save_profile
 
-MINIMAL = {
-    "format": "modality-steer.profile/v1",
-    "model": {
-        "architecture": "LlavaForConditionalGeneration",
-        "num_layers": 8,
-        "num_heads": 8,
-        "head_dim": 32,
-    },
-    "default_gain": 2.0,
-    "modes": {
-        "image": {"heads": [{"layer": 5, "head": 3, "score": 0.41}]},
-        "text": {"heads": [{"layer": 6, "head": 1, "score": 0.37}]},
-    },
-}
+MINIMAL = MINIMAL_PROFILE
 
 
 def _edit(path: str, value):

@@ -5,30 +5,29 @@ request errors, the policy, the header and the metrics."""
 from __future__ import annotations
 
 import json
-import math
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from serving_helpers import chat, reference_steps, served_steps, write_profile
+from helpers import (
+    BASE_ARGS,
+    SPEC_IDS,
+    SPECS,
+    assert_same_steps,
+    chat,
+    reference_steps,
+    serve,
+    served_steps,
+    write_profile,
+)
 
 from steer_server import data as D
-from steer_server import hf, toy
+from steer_server import hf
 from steer_server.engine import ServerStartError, VllmServer
 from steer_server.profile import load_profile
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
-BASE_ARGS = ["--max-model-len", "256", "--max-num-seqs", "16"]
-SPECS = ["off", "image", "text", {"follow": "text", "gain": 0}, {"heads": [[0, 1, 0.0], [1, 2, 4.0]]}]
-SPEC_IDS = ["off", "image", "text", "block-text", "raw-heads"]
-
-
-@pytest.fixture(scope="module")
-def samples(tmp_path_factory) -> list[D.LoadedSample]:
-    paths = D.synth_dataset(tmp_path_factory.mktemp("serve-data"), 240, seed=11)
-    return D.load_samples(paths["test"])[:16]
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +35,9 @@ def llava_profile(tiny_llava, tmp_path_factory):
     return write_profile(tiny_llava, tmp_path_factory.mktemp("profiles") / "llava.json")
 
 
-def _serve(model, profile, *extra, steer_args=("--allow-raw-heads",), env=None):
-    return VllmServer(model, [*BASE_ARGS, *extra], profile=profile, steer_args=list(steer_args), env=env)
-
-
 @pytest.fixture(scope="module")
 def llava_server(tiny_llava, llava_profile):
-    with _serve(tiny_llava, llava_profile, "--enforce-eager") as server:
+    with serve(tiny_llava, llava_profile, "--enforce-eager") as server:
         yield server
 
 
@@ -56,52 +51,44 @@ def _metrics(server) -> dict[str, float]:
     return values
 
 
-def _assert_same_steps(got, expected, tolerance):
-    assert [token for token, _ in got] == [token for token, _ in expected]
-    for (_, got_top), (_, want_top) in zip(got, expected, strict=True):
-        for word, logprob in want_top.items():
-            if logprob > -20:  # ranks among near-zero probabilities are not comparable
-                assert math.isclose(got_top[word], logprob, abs_tol=tolerance), (word, got_top, want_top)
-
-
 @pytest.mark.parametrize("steer", SPECS, ids=SPEC_IDS)
-def test_llava_matches_transformers_reference(llava_server, tiny_llava, llava_profile, samples, steer):
+def test_llava_matches_transformers_reference(llava_server, tiny_llava, llava_profile, serve_samples, steer):
     reference = hf.load_model(tiny_llava)
     profile = load_profile(llava_profile)
     client = llava_server.client()
-    for sample in samples[:3]:
+    for sample in serve_samples[:3]:
         got = served_steps(chat(client, str(tiny_llava), sample, None if steer == "off" else steer))
-        _assert_same_steps(got, reference_steps(reference, profile, sample, steer), 1e-3)
+        assert_same_steps(got, reference_steps(reference, profile, sample, steer), 1e-3)
 
 
-def test_steering_changes_the_output(llava_server, tiny_llava, samples):
+def test_steering_changes_the_output(llava_server, tiny_llava, serve_samples):
     client = llava_server.client()
-    plain = served_steps(chat(client, str(tiny_llava), samples[0]))
+    plain = served_steps(chat(client, str(tiny_llava), serve_samples[0]))
     blocked = served_steps(
-        chat(client, str(tiny_llava), samples[0], {"heads": [[0, h, 0.0] for h in range(4)]})
+        chat(client, str(tiny_llava), serve_samples[0], {"heads": [[0, h, 0.0] for h in range(4)]})
     )
     assert plain != blocked
 
 
-def test_mixed_batch_matches_requests_sent_alone(llava_server, tiny_llava, samples):
+def test_mixed_batch_matches_requests_sent_alone(llava_server, tiny_llava, serve_samples):
     client = llava_server.client()
-    work = [(sample, SPECS[i % 4]) for i, sample in enumerate(samples)]
+    work = [(sample, SPECS[i % 4]) for i, sample in enumerate(serve_samples)]
     alone = [served_steps(chat(client, str(tiny_llava), s, spec)) for s, spec in work]
     with ThreadPoolExecutor(max_workers=16) as pool:
         together = list(pool.map(lambda item: served_steps(chat(client, str(tiny_llava), *item)), work))
     for got, expected in zip(together, alone, strict=True):
-        _assert_same_steps(got, expected, 1e-5)
+        assert_same_steps(got, expected, 1e-5)
 
 
-def test_unsteered_requests_are_bit_identical_to_plain_vllm(tiny_llava, llava_server, samples):
+def test_unsteered_requests_are_bit_identical_to_plain_vllm(tiny_llava, llava_server, serve_samples):
     client = llava_server.client()
-    steered_side = [served_steps(chat(client, str(tiny_llava), s)) for s in samples[:4]]
+    steered_side = [served_steps(chat(client, str(tiny_llava), s)) for s in serve_samples[:4]]
     with VllmServer(tiny_llava, [*BASE_ARGS, "--enforce-eager"]) as plain:
-        plain_side = [served_steps(chat(plain.client(), str(tiny_llava), s)) for s in samples[:4]]
+        plain_side = [served_steps(chat(plain.client(), str(tiny_llava), s)) for s in serve_samples[:4]]
     assert steered_side == plain_side
 
 
-def test_prefix_cache_never_mixes_steering(tiny_llava, llava_profile, llava_server, samples):
+def test_prefix_cache_never_mixes_steering(tiny_llava, llava_profile, llava_server, serve_samples):
     sequence = [
         "off",
         {"follow": "image", "gain": 0},
@@ -110,71 +97,44 @@ def test_prefix_cache_never_mixes_steering(tiny_llava, llava_profile, llava_serv
         "image",
         "image",
     ]
-    sample = samples[5]
+    sample = serve_samples[5]
     cached = [served_steps(chat(llava_server.client(), str(tiny_llava), sample, s)) for s in sequence]
-    with _serve(tiny_llava, llava_profile, "--enforce-eager", "--no-enable-prefix-caching") as fresh:
+    with serve(tiny_llava, llava_profile, "--enforce-eager", "--no-enable-prefix-caching") as fresh:
         uncached = [served_steps(chat(fresh.client(), str(tiny_llava), sample, s)) for s in sequence]
     for got, expected in zip(cached, uncached, strict=True):
-        _assert_same_steps(got, expected, 1e-5)
+        assert_same_steps(got, expected, 1e-5)
     assert cached[0] != cached[1]
 
 
-def test_tensor_parallel_2_equals_1(tiny_llava, llava_profile, llava_server, samples):
+def test_tensor_parallel_2_equals_1(tiny_llava, llava_profile, llava_server, serve_samples):
     env = dict(__import__("os").environ, VLLM_CPU_OMP_THREADS_BIND="0|1")
     tp1 = [
         served_steps(chat(llava_server.client(), str(tiny_llava), s, spec))
-        for s, spec in zip(samples[:5], SPECS, strict=True)
+        for s, spec in zip(serve_samples[:5], SPECS, strict=True)
     ]
-    with _serve(
+    with serve(
         tiny_llava, llava_profile, "--enforce-eager", "--tensor-parallel-size", "2", env=env
     ) as tp2_server:
         tp2 = [
             served_steps(chat(tp2_server.client(), str(tiny_llava), s, spec))
-            for s, spec in zip(samples[:5], SPECS, strict=True)
+            for s, spec in zip(serve_samples[:5], SPECS, strict=True)
         ]
     for got, expected in zip(tp2, tp1, strict=True):
-        _assert_same_steps(got, expected, 1e-4)
+        assert_same_steps(got, expected, 1e-4)
 
 
-def test_compiled_mode_equals_eager(tiny_llava, llava_profile, llava_server, samples):
+def test_compiled_mode_equals_eager(tiny_llava, llava_profile, llava_server, serve_samples):
     eager = [
         served_steps(chat(llava_server.client(), str(tiny_llava), s, spec))
-        for s, spec in zip(samples[:5], SPECS, strict=True)
+        for s, spec in zip(serve_samples[:5], SPECS, strict=True)
     ]
-    with _serve(tiny_llava, llava_profile) as compiled:
+    with serve(tiny_llava, llava_profile) as compiled:
         got = [
             served_steps(chat(compiled.client(), str(tiny_llava), s, spec))
-            for s, spec in zip(samples[:5], SPECS, strict=True)
+            for s, spec in zip(serve_samples[:5], SPECS, strict=True)
         ]
     for steps, expected in zip(got, eager, strict=True):
-        _assert_same_steps(steps, expected, 1e-4)
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory):
-    return toy.build_random_qwen2_vl(tmp_path_factory.mktemp("serve-qwen"), seed=3)
-
-
-@pytest.mark.parametrize("steer", SPECS, ids=SPEC_IDS)
-def test_qwen2_vl_matches_transformers_reference(qwen_server, tiny_qwen, qwen_profile, samples, steer):
-    reference = hf.load_model(tiny_qwen)
-    profile = load_profile(qwen_profile)
-    for sample in samples[:3]:
-        got = served_steps(
-            chat(qwen_server.client(), str(tiny_qwen), sample, None if steer == "off" else steer)
-        )
-        _assert_same_steps(got, reference_steps(reference, profile, sample, steer), 1e-3)
-
-
-@pytest.fixture(scope="module")
-def qwen_profile(tiny_qwen, tmp_path_factory):
-    return write_profile(tiny_qwen, tmp_path_factory.mktemp("profiles") / "qwen.json")
-
-
-@pytest.fixture(scope="module")
-def qwen_server(tiny_qwen, qwen_profile):
-    with _serve(tiny_qwen, qwen_profile, "--enforce-eager") as server:
-        yield server
+        assert_same_steps(steps, expected, 1e-4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,12 +158,17 @@ BAD = [
 
 @pytest.mark.parametrize(("extra", "needle"), BAD, ids=[n for _, n in BAD])
 @pytest.mark.parametrize("route", ["chat", "completions"])
-def test_bad_values_get_400_naming_the_parameter(llava_server, tiny_llava, samples, extra, needle, route):
+def test_bad_values_get_400_naming_the_parameter(
+    llava_server, tiny_llava, serve_samples, extra, needle, route
+):
     client = llava_server.client()
     with pytest.raises(openai.BadRequestError) as caught:
         if route == "chat":
             client.chat.completions.create(
-                model=str(tiny_llava), messages=D.openai_messages(samples[0]), max_tokens=2, extra_body=extra
+                model=str(tiny_llava),
+                messages=D.openai_messages(serve_samples[0]),
+                max_tokens=2,
+                extra_body=extra,
             )
         else:
             client.completions.create(
@@ -214,12 +179,12 @@ def test_bad_values_get_400_naming_the_parameter(llava_server, tiny_llava, sampl
     assert llava_server.healthy()
 
 
-def test_header_and_metrics(llava_server, tiny_llava, samples, llava_profile):
+def test_header_and_metrics(llava_server, tiny_llava, serve_samples, llava_profile):
     client = llava_server.client()
     before = _metrics(llava_server)
     raw = client.chat.completions.with_raw_response.create(
         model=str(tiny_llava),
-        messages=D.openai_messages(samples[0]),
+        messages=D.openai_messages(serve_samples[0]),
         max_tokens=2,
         extra_body={"modality_steer": "text"},
     )
@@ -257,51 +222,6 @@ def test_header_and_metrics(llava_server, tiny_llava, samples, llava_profile):
     )
 
 
-@pytest.fixture(scope="module")
-def enforced_server(tiny_llava, llava_profile):
-    with _serve(
-        tiny_llava, llava_profile, "--enforce-eager", steer_args=["--enforce-steer", "text"]
-    ) as server:
-        yield server
-
-
-FORBIDDEN = [
-    {"modality_steer": "image"},
-    {"modality_steer": {"heads": [[0, 0, 1.0]]}},
-    {"vllm_xargs": {"modality_steer": '{"heads": [[1, 3, 0.0]]}'}},
-    {"modality_steer": "off"},
-    {"modality_steer": {"follow": "text", "gain": 0}},
-    {"vllm_xargs": {"modality_steer": "image"}},
-    {"vllm_xargs": {"modality_steer": "off"}},
-]
-
-
-@pytest.mark.parametrize("extra", FORBIDDEN, ids=[json.dumps(e) for e in FORBIDDEN])
-def test_enforced_policy_refuses_everything_else_with_403(enforced_server, tiny_llava, samples, extra):
-    with pytest.raises(openai.PermissionDeniedError) as caught:
-        enforced_server.client().chat.completions.create(
-            model=str(tiny_llava), messages=D.openai_messages(samples[0]), max_tokens=2, extra_body=extra
-        )
-    assert caught.value.body["param"] == "modality_steer" and "enforces" in caught.value.body["message"]
-
-
-def test_enforced_policy_steers_requests_without_a_field(enforced_server, llava_server, tiny_llava, samples):
-    enforced = served_steps(chat(enforced_server.client(), str(tiny_llava), samples[1]))
-    asked = served_steps(chat(llava_server.client(), str(tiny_llava), samples[1], "text"))
-    _assert_same_steps(enforced, asked, 1e-5)
-    raw = enforced_server.client().chat.completions.with_raw_response.create(
-        model=str(tiny_llava), messages=D.openai_messages(samples[1]), max_tokens=2
-    )
-    assert raw.headers["x-modality-steer"].startswith("mode=text; gain=3")
-    with pytest.raises(openai.BadRequestError, match="raw heads are not allowed"):
-        enforced_server.client().completions.create(
-            model=str(tiny_llava),
-            prompt="x",
-            max_tokens=2,
-            extra_body={"modality_steer": {"heads": [[0, 0, 1.0]]}},
-        )
-
-
 # --------------------------------------------------------------------------------------------------
 # Startup checks: nothing is served with a profile that does not fit the model.
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +233,7 @@ def test_profile_for_another_model_stops_startup(tiny_llava, tmp_path):
     raw["model"]["num_layers"] = 3
     raw["model"]["fingerprint"] = "sha256:" + "0" * 32
     profile.write_text(json.dumps(raw))
-    server = _serve(tiny_llava, profile, "--enforce-eager")
+    server = serve(tiny_llava, profile, "--enforce-eager")
     with pytest.raises(
         ServerStartError,
         match=r"3 layers x 4 heads x head_dim 32, but the served model has 2 layers x 4 heads",
@@ -324,6 +244,6 @@ def test_profile_for_another_model_stops_startup(tiny_llava, tmp_path):
 
 def test_profile_fingerprint_mismatch_stops_startup(tiny_llava, tmp_path):
     profile = write_profile(tiny_llava, tmp_path / "p.json", fingerprint="sha256:" + "0" * 32)
-    server = _serve(tiny_llava, profile, "--enforce-eager")
+    server = serve(tiny_llava, profile, "--enforce-eager")
     with pytest.raises(ServerStartError, match="was made for model fingerprint sha256:0000"):
         server.start()

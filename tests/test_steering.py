@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from helpers import MINIMAL_PROFILE
 
 from steer_server.profile import Profile
 from steer_server.steering import (
@@ -21,14 +22,7 @@ from steer_server.steering import (
 GEOMETRY = Geometry(num_layers=8, num_heads=8)
 PROFILE = Profile.model_validate(
     {
-        "format": "modality-steer.profile/v1",
-        "model": {
-            "architecture": "LlavaForConditionalGeneration",
-            "num_layers": 8,
-            "num_heads": 8,
-            "head_dim": 32,
-        },
-        "default_gain": 2.0,
+        **MINIMAL_PROFILE,
         "modes": {
             "image": {
                 "heads": [{"layer": 5, "head": 3, "score": 0.41}, {"layer": 1, "head": 0, "score": 0.2}]

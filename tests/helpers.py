@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,30 @@ from PIL import Image
 from steer_server import data as D
 from steer_server import hf
 from steer_server.architectures import geometry_of
+from steer_server.engine import VllmServer
 from steer_server.profile import Profile, load_profile
 from steer_server.steering import Geometry, effective_gains, gains_matrix, parse_spec
 
 MAX_TOKENS = 4
+BASE_ARGS = ["--max-model-len", "256", "--max-num-seqs", "16"]
+SPECS = ["off", "image", "text", {"follow": "text", "gain": 0}, {"heads": [[0, 1, 0.0], [1, 2, 4.0]]}]
+SPEC_IDS = ["off", "image", "text", "block-text", "raw-heads"]
+
+# The profile of the issue's example: the smallest valid profile, 8 layers x 8 heads.
+MINIMAL_PROFILE: dict[str, Any] = {
+    "format": "modality-steer.profile/v1",
+    "model": {
+        "architecture": "LlavaForConditionalGeneration",
+        "num_layers": 8,
+        "num_heads": 8,
+        "head_dim": 32,
+    },
+    "default_gain": 2.0,
+    "modes": {
+        "image": {"heads": [{"layer": 5, "head": 3, "score": 0.41}]},
+        "text": {"heads": [{"layer": 6, "head": 1, "score": 0.37}]},
+    },
+}
 
 
 def write_profile(model_dir: Path, path: Path, *, fingerprint: str | None = None) -> Path:
@@ -116,3 +137,16 @@ def reference_steps(
 
 def profile_of(path: Path) -> Profile:
     return load_profile(path)
+
+
+def serve(model, profile, *extra, steer_args=("--allow-raw-heads",), env=None):
+    """`modality-steer serve` on a tiny model (raw heads allowed unless steer_args say otherwise)."""
+    return VllmServer(model, [*BASE_ARGS, *extra], profile=profile, steer_args=list(steer_args), env=env)
+
+
+def assert_same_steps(got, expected, tolerance):
+    assert [token for token, _ in got] == [token for token, _ in expected]
+    for (_, got_top), (_, want_top) in zip(got, expected, strict=True):
+        for word, logprob in want_top.items():
+            if logprob > -20:  # ranks among near-zero probabilities are not comparable
+                assert math.isclose(got_top[word], logprob, abs_tol=tolerance), (word, got_top, want_top)

@@ -1,0 +1,275 @@
+"""Throughput of steered serving against plain vLLM, side by side in one run.
+
+    python benchmarks/throughput.py [--quick] [--repeats 3] [--requests 48] [--max-tokens 32] [--json OUT]
+
+Builds a random-weight LLaVA-architecture bench model (language model of about 150 M parameters), a
+profile for it (5% of heads per mode), and prompts with images; then measures output tokens per second
+for four arms, interleaved over repeats, with the offline engine and through the HTTP server:
+
+- plain: vLLM without the plugin;
+- idle: plugin loaded, no request steered;
+- all: every request steered (image and text heads, default gain);
+- mixed: half the requests steered, with four distinct configurations.
+
+Reports medians and the ratios idle/plain, all/plain and mixed/plain (JSON and a Markdown table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ARMS = ("plain", "idle", "all", "mixed")
+MIXED_SPECS = [
+    {"follow": "image", "gain": 2.0},
+    {"follow": "text", "gain": 0.0},
+    {"follow": "image", "gain": 3.0},
+    {"follow": "text", "gain": 1.5},
+]
+
+
+def bench_architecture(quick: bool) -> Any:
+    from steer_server import toy
+
+    if quick:
+        return toy.ToyArchitecture(text_hidden=256, text_layers=4, text_heads=4, head_dim=64, text_mlp=512)
+    return toy.ToyArchitecture(text_hidden=1024, text_layers=12, text_heads=16, head_dim=64, text_mlp=2816)
+
+
+def build(folder: Path, quick: bool, requests: int) -> tuple[Path, Path, list[Any], int]:
+    from steer_server import data as D
+    from steer_server import toy
+
+    arch = bench_architecture(quick)
+    model_dir = toy.build_random(folder / "model", arch, seed=0)
+    layers, heads = arch.text_layers, arch.text_heads
+    k = max(1, round(0.05 * layers * heads))
+    cells = [(layer, head) for layer in range(layers) for head in range(heads)]
+    profile = {
+        "format": "modality-steer.profile/v1",
+        "model": {
+            "architecture": "LlavaForConditionalGeneration",
+            "num_layers": layers,
+            "num_heads": heads,
+            "head_dim": arch.head_dim,
+        },
+        "default_gain": 2.0,
+        "modes": {
+            "image": {"heads": [{"layer": l_, "head": h, "score": 1.0} for l_, h in cells[::7][:k]]},
+            "text": {"heads": [{"layer": l_, "head": h, "score": 1.0} for l_, h in cells[3::7][:k]]},
+        },
+    }
+    profile_path = folder / "profile.json"
+    profile_path.write_text(json.dumps(profile))
+    paths = D.synth_dataset(folder / "data", max(240, requests * 10), seed=1)
+    samples = [s for s in D.load_samples(paths["train"]) if s.image_path is not None][:requests]
+    lm_params = layers * (4 * arch.text_hidden * arch.text_hidden + 3 * arch.text_hidden * arch.text_mlp)
+    return model_dir, profile_path, samples, lm_params
+
+
+def specs_for(arm: str, count: int) -> list[Any]:
+    if arm in ("plain", "idle"):
+        return [None] * count
+    if arm == "all":
+        return ["image" if i % 2 == 0 else "text" for i in range(count)]
+    return [MIXED_SPECS[(i // 2) % len(MIXED_SPECS)] if i % 2 == 0 else None for i in range(count)]
+
+
+# ---- offline engine: one child process per plugin setting, driven over a pipe ----------------------
+
+
+def _offline_worker(
+    connection: Any, model_dir: str, profile: str | None, messages: list[Any], max_tokens: int, eager: bool
+) -> None:
+    if profile:
+        os.environ["MODALITY_STEER_PROFILE"] = profile
+    else:
+        os.environ.pop("MODALITY_STEER_PROFILE", None)
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=model_dir,
+        dtype="float32",
+        max_model_len=256,
+        max_num_seqs=16,
+        kv_cache_memory_bytes=512 * 2**20,
+        enforce_eager=eager,
+    )
+    connection.send("ready")
+    while True:
+        command = connection.recv()
+        if command is None:
+            return
+        params = [
+            SamplingParams(
+                max_tokens=max_tokens,
+                temperature=0,
+                ignore_eos=True,
+                extra_args=None
+                if spec is None
+                else {"modality_steer": spec if isinstance(spec, str) else json.dumps(spec)},
+            )
+            for spec in command
+        ]
+        started = time.perf_counter()
+        outputs = llm.chat(messages, params, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        connection.send((tokens, seconds))
+
+
+def offline(
+    model_dir: Path, profile: Path, messages: list[Any], repeats: int, max_tokens: int, eager: bool
+) -> dict[str, list[float]]:
+    context = mp.get_context("spawn")
+    workers = {}
+    for name, profile_arg in (("plain", None), ("plugin", str(profile))):
+        parent, child = context.Pipe()
+        process = context.Process(
+            target=_offline_worker, args=(child, str(model_dir), profile_arg, messages, max_tokens, eager)
+        )
+        process.start()
+        if parent.recv() != "ready":
+            raise RuntimeError(f"offline engine {name} did not start")
+        workers[name] = (parent, process)
+    rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    try:
+        for repeat in range(repeats + 1):  # the first round warms up and is discarded
+            for arm in ARMS:
+                connection, _ = workers["plain" if arm == "plain" else "plugin"]
+                connection.send(specs_for(arm, len(messages)))
+                tokens, seconds = connection.recv()
+                if repeat:
+                    rates[arm].append(tokens / seconds)
+                print(f"offline {arm:<6} repeat {repeat}: {tokens / seconds:8.1f} tok/s", flush=True)
+    finally:
+        for connection, process in workers.values():
+            connection.send(None)
+            process.join(timeout=60)
+    return rates
+
+
+# ---- HTTP: plain vLLM server and `modality-steer serve`, concurrent clients ------------------------
+
+
+def http(
+    model_dir: Path,
+    profile: Path,
+    messages: list[Any],
+    repeats: int,
+    max_tokens: int,
+    eager: bool,
+    concurrency: int,
+) -> dict[str, list[float]]:
+    from steer_server.engine import VllmServer
+
+    args = ["--max-model-len", "256", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(512 * 2**20)]
+    args += ["--enforce-eager"] if eager else []
+    # The later --kv-cache-memory-bytes overrides the launcher's CPU default.
+    plain = VllmServer(model_dir, args)
+    steered = VllmServer(model_dir, args, profile=profile)
+    rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    with plain, steered:
+        for repeat in range(repeats + 1):
+            for arm in ARMS:
+                server = plain if arm == "plain" else steered
+                client = server.client()
+
+                def one(item: tuple[Any, Any], client: Any = client) -> int:
+                    message, spec = item
+                    extra: dict[str, Any] = {"ignore_eos": True}
+                    if spec is not None:
+                        extra["modality_steer"] = spec
+                    reply = client.chat.completions.create(
+                        model=str(model_dir),
+                        messages=message,
+                        max_tokens=max_tokens,
+                        temperature=0,
+                        extra_body=extra,
+                    )
+                    return int(reply.usage.completion_tokens)
+
+                started = time.perf_counter()
+                with ThreadPoolExecutor(max_workers=concurrency) as pool:
+                    tokens = sum(pool.map(one, zip(messages, specs_for(arm, len(messages)), strict=True)))
+                seconds = time.perf_counter() - started
+                if repeat:
+                    rates[arm].append(tokens / seconds)
+                print(f"http    {arm:<6} repeat {repeat}: {tokens / seconds:8.1f} tok/s", flush=True)
+    return rates
+
+
+def summarise(rates: dict[str, list[float]]) -> dict[str, Any]:
+    medians = {arm: statistics.median(values) for arm, values in rates.items()}
+    return {
+        "tokens_per_second": rates,
+        "median_tokens_per_second": medians,
+        "ratios": {
+            arm if arm != "all" else "all_steered": medians[arm] / medians["plain"]
+            for arm in ("idle", "all", "mixed")
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a small model and few requests (smoke run)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--eager", action="store_true", help="--enforce-eager for every engine")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    from steer_server import data as D
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir, profile, samples, lm_params = build(Path(scratch), args.quick, args.requests)
+        messages = [D.openai_messages(s) for s in samples]
+        print(
+            f"bench model: language model {lm_params / 1e6:.0f} M parameters; {len(messages)} prompts with images",
+            flush=True,
+        )
+        result = {
+            "language_model_parameters": lm_params,
+            "requests": len(messages),
+            "max_tokens": args.max_tokens,
+            "repeats": args.repeats,
+            "eager": args.eager,
+            "offline": summarise(
+                offline(model_dir, profile, messages, args.repeats, args.max_tokens, args.eager)
+            ),
+            "http": summarise(
+                http(
+                    model_dir, profile, messages, args.repeats, args.max_tokens, args.eager, args.concurrency
+                )
+            ),
+        }
+    print()
+    print("| path | plain tok/s | idle / plain | all steered / plain | mixed / plain |")
+    print("|---|---|---|---|---|")
+    for path in ("offline", "http"):
+        part = result[path]
+        ratios = part["ratios"]
+        print(
+            f"| {path} | {part['median_tokens_per_second']['plain']:.1f} | {ratios['idle']:.3f} | "
+            f"{ratios['all_steered']:.3f} | {ratios['mixed']:.3f} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
