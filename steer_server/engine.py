@@ -26,6 +26,15 @@ from typing import Any
 CPU_DEFAULT_ARGS: tuple[str, ...] = ("--dtype", "float32", "--kv-cache-memory-bytes", str(256 * 2**20))
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the process that started it dies, so that a
+    killed test run or demo leaves no server behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -103,6 +112,7 @@ class VllmServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         self._wait_healthy()

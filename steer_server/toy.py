@@ -545,6 +545,17 @@ def evaluate(model_dir: Path, *, data: Path | None = None, progress: bool = Fals
     return report
 
 
+def _target_verdict(report: dict[str, Any]) -> str:
+    misses = [
+        f'MF ratio "rely on the {mode}" {value:.3f} outside [{MF_RANGE[0]}, {MF_RANGE[1]}]'
+        for mode, value in report["mf_ratio_by_follow"].items()
+        if not MF_RANGE[0] <= value <= MF_RANGE[1]
+    ]
+    if report["control_accuracy"] < MIN_CONTROL_ACCURACY:
+        misses.append(f"control accuracy {report['control_accuracy']:.3f} below {MIN_CONTROL_ACCURACY}")
+    return "Meets the targets." if not misses else "Misses the targets: " + "; ".join(misses) + "."
+
+
 def write_model_card(model_dir: Path, training: dict[str, Any], report: dict[str, Any]) -> None:
     """README.md beside the weights: how the model was made and what it measures."""
     by_follow = report["mf_ratio_by_follow"]
@@ -578,6 +589,11 @@ training labels follow the competing modality, so the model's failures are the i
 salient modality (an arbitration failure), not perception errors. Without an instruction and without a
 salience cue, labels come from the image {recipe["uninstructed_image_share"]:.0%} of the time.
 
+Head-gain noise: during training each attention head's output (the input of `o_proj`) is multiplied by
+exp(U(-{recipe["head_noise_amplitude"]}, {recipe["head_noise_amplitude"]})) with probability {recipe["head_noise_prob"]}, never by 0, so that the
+gains a server applies to amplify heads stay within what the model has seen, while blocking a head stays
+outside it.
+
 ## Measured (transformers, greedy first answer token, {report["data"]})
 | figure | value |
 |---|---|
@@ -589,6 +605,7 @@ salience cue, labels come from the image {recipe["uninstructed_image_share"]:.0%
 | conflict / control samples | {report["conflicts"]} / {report["controls"]} |
 
 Targets: MF ratio in [{MF_RANGE[0]}, {MF_RANGE[1]}] for each instruction, control accuracy >= {MIN_CONTROL_ACCURACY}.
+{_target_verdict(report)}
 """
     (model_dir / "README.md").write_text(card)
     (model_dir / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -100,7 +100,7 @@ BAD_LINES = [
     ({**GOOD, "follow": "audio"}, ":2: field 'follow'"),
     ({k: v for k, v in GOOD.items() if k != "question"}, ":2: field 'question': Field required"),
     ({**GOOD, "answer_image": []}, ":2: field '(sample)'"),
-    ({**GOOD, "answer_image": ["Red"]}, "overlap on ['red']: no conflict"),
+    ({**GOOD, "answer_image": ["Red."]}, "the image and text answers are the same ('red'): no conflict"),
     ({**GOOD, "image": None}, "a conflict sample needs both an image and a context"),
     ({**GOOD, "kind": "other"}, ":2: field 'kind'"),
     ({**GOOD, "extra": 1}, ":2: field 'extra': Extra inputs are not permitted"),

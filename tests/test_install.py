@@ -54,15 +54,21 @@ def test_kernels_folder_is_not_a_top_level_package_even_from_the_checkout():
     assert done.stdout.split() == ["False", "True", "steer_server.kernels.head_scale"]
 
 
-def test_profile_env_without_serving_path_refuses_to_start(monkeypatch):
-    from steer_server.vllm_plugin import SteeringUnavailableError, register
+def test_plugin_does_nothing_without_a_profile_and_refuses_a_broken_one(monkeypatch, tmp_path):
+    from steer_server import vllm_plugin
 
     monkeypatch.delenv("MODALITY_STEER_PROFILE", raising=False)
-    register()  # nothing configured: nothing happens
-    monkeypatch.setenv("MODALITY_STEER_PROFILE", "/some/profile.json")
+    vllm_plugin.settings.cache_clear()
+    vllm_plugin.register()  # nothing configured: nothing happens
+    assert vllm_plugin.settings() is None
+    missing = tmp_path / "nope.json"
+    monkeypatch.setenv("MODALITY_STEER_PROFILE", str(missing))
+    vllm_plugin.settings.cache_clear()
     try:
-        register()
-    except SteeringUnavailableError as exc:
-        assert "refusing to start rather than serve unsteered" in str(exc)
+        vllm_plugin.register()
+    except vllm_plugin.SteeringConfigError as exc:
+        assert f"{missing}: no such profile" in str(exc)
     else:
-        raise AssertionError("a configured profile must not be ignored")
+        raise AssertionError("a configured profile that cannot be read must stop the process")
+    finally:
+        vllm_plugin.settings.cache_clear()

@@ -70,10 +70,17 @@ def test_enforced_policy_steers_requests_without_a_field(
         model=str(tiny_llava), messages=D.openai_messages(serve_samples[1]), max_tokens=2
     )
     assert raw.headers["x-modality-steer"].startswith("mode=text; gain=3")
-    with pytest.raises(openai.BadRequestError, match="raw heads are not allowed"):
+    same = enforced_server.client().chat.completions.with_raw_response.create(
+        model=str(tiny_llava),
+        messages=D.openai_messages(serve_samples[1]),
+        max_tokens=2,
+        extra_body={"modality_steer": "text"},
+    )
+    assert same.headers["x-modality-steer"].startswith("mode=text; gain=3")
+    with pytest.raises(openai.BadRequestError, match="gain must lie in"):
         enforced_server.client().completions.create(
             model=str(tiny_llava),
             prompt="x",
             max_tokens=2,
-            extra_body={"modality_steer": {"heads": [[0, 0, 1.0]]}},
+            extra_body={"modality_steer": {"follow": "text", "gain": -1}},
         )

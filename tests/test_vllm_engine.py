@@ -40,8 +40,8 @@ def test_tiny_random_llava_generates(tiny_llava_server, tiny_llava):
     )
     assert chat.choices[0].message.content.strip()
     assert chat.usage.completion_tokens == 6
-    # USER : <image> x16 (the placeholder expanded to the vision tower's patches) + the question's words.
-    assert chat.usage.prompt_tokens == 2 + toy.IMAGE_SEQ_LENGTH + 7 + 2
+    # USER : <image> x16 (the placeholder expanded to the vision tower's patches), 6 words, ASSISTANT :
+    assert chat.usage.prompt_tokens == 2 + toy.IMAGE_SEQ_LENGTH + 6 + 2
     text = client.completions.create(
         model=str(tiny_llava),
         prompt="USER: What shape is the object? ASSISTANT:",
