@@ -111,7 +111,9 @@ def answer_tokens(tokenizer: Any, samples: Sequence[D.LoadedSample]) -> AnswerTo
         sample = loaded.sample
         wanted = sample.answer_image if sample.follow == "image" else sample.answer_text
         other = sample.answer_text if sample.follow == "image" else sample.answer_image
-        inst, comp = first_tokens(tokenizer, wanted), first_tokens(tokenizer, other)
+        inst = first_tokens(tokenizer, wanted)
+        # A control is answered correctly by its own answer; there is no competing one.
+        comp = first_tokens(tokenizer, other) if sample.kind == "conflict" else []
         # A first token that starts forms of both answers says nothing about which one the model chose.
         shared = set(inst) & set(comp)
         inst, comp = [t for t in inst if t not in shared], [t for t in comp if t not in shared]
