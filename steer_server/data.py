@@ -219,6 +219,13 @@ def judge(sample: Sample, answer: str) -> Outcome:
     return "neither"
 
 
+def is_success(sample: Sample, answer: str) -> bool:
+    """A conflict succeeds when it follows the instruction (instructed answer only); a control when it
+    gives its answer (for an agreeing control both lists hold it)."""
+    outcome = judge(sample, answer)
+    return outcome == "follow" or (sample.kind == "control" and outcome == "both")
+
+
 def write_jsonl(samples: Sequence[Sample], path: Path) -> None:
     """Write samples atomically (a temp file renamed into place), so a failure leaves nothing half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)

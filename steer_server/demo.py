@@ -35,7 +35,7 @@ def toy_profile_path() -> Path:
 
 
 def _follows(samples: Sequence[D.LoadedSample], answers: dict[str, str]) -> dict[str, bool]:
-    return {s.sample.id: D.judge(s.sample, answers[s.sample.id]) == "follow" for s in samples}
+    return {s.sample.id: D.is_success(s.sample, answers[s.sample.id]) for s in samples}
 
 
 def _mode_mean(samples: Sequence[D.LoadedSample], hits: dict[str, bool]) -> float:

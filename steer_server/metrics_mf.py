@@ -48,13 +48,12 @@ def mf_report(samples: Sequence[D.Sample], answers: Sequence[str]) -> MFReport:
     task_total: Counter[str] = Counter()
     control_hits = control_total = 0
     for sample, answer in zip(samples, answers, strict=True):
-        outcome = D.judge(sample, answer)
         if sample.kind == "control":
             control_total += 1
-            control_hits += outcome in ("follow", "both")
+            control_hits += D.is_success(sample, answer)
             continue
-        outcomes[outcome] += 1
-        hit = outcome == "follow"
+        outcomes[D.judge(sample, answer)] += 1
+        hit = D.is_success(sample, answer)
         follow_total[sample.follow] += 1
         follow_hits[sample.follow] += hit
         task = sample.task or "(none)"

@@ -241,3 +241,20 @@ def test_import_reports_missing_images(mf_data_dir, tmp_path):
     assert f"wrote {len(ids) - lost} of {len(ids)} samples" in partial.stdout
     assert f"skipped {lost} samples whose image is missing" in partial.stderr
     assert len(D.load_samples(out)) == len(ids) - lost
+
+
+AGREE = {**GOOD, "kind": "control", "answer_image": ["red"], "answer_text": ["red"]}
+SUCCESS = [
+    (GOOD, "blue", True),
+    (GOOD, "red", False),
+    (GOOD, "red and blue", False),
+    (AGREE, "red", True),
+    (AGREE, "Red.", True),
+    (AGREE, "green", False),
+    ({**GOOD, "kind": "control", "context": "", "answer_text": []}, "blue", True),
+]
+
+
+@pytest.mark.parametrize(("record", "answer", "expected"), SUCCESS)
+def test_success_of_conflicts_and_controls(record, answer, expected):
+    assert D.is_success(D.Sample(**record), answer) is expected

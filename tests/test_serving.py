@@ -77,8 +77,8 @@ def test_mixed_batch_matches_requests_sent_alone(llava_server, tiny_llava, serve
     alone = [served_steps(chat(client, str(tiny_llava), s, spec)) for s, spec in work]
     with ThreadPoolExecutor(max_workers=16) as pool:
         together = list(pool.map(lambda item: served_steps(chat(client, str(tiny_llava), *item)), work))
-    for got, expected in zip(together, alone, strict=True):
-        assert_same_steps(got, expected, 1e-5)
+    # Exactly: steering one request must not change a neighbour's numbers in the same batch.
+    assert together == alone
 
 
 def test_unsteered_requests_are_bit_identical_to_plain_vllm(tiny_llava, llava_server, serve_samples):
@@ -102,8 +102,7 @@ def test_prefix_cache_never_mixes_steering(tiny_llava, llava_profile, llava_serv
     cached = [served_steps(chat(llava_server.client(), str(tiny_llava), sample, s)) for s in sequence]
     with serve(tiny_llava, llava_profile, "--enforce-eager", "--no-enable-prefix-caching") as fresh:
         uncached = [served_steps(chat(fresh.client(), str(tiny_llava), sample, s)) for s in sequence]
-    for got, expected in zip(cached, uncached, strict=True):
-        assert_same_steps(got, expected, 1e-5)
+    assert cached == uncached
     assert cached[0] != cached[1]
 
 
