@@ -190,12 +190,24 @@ def serve(
     inject_instruction: Annotated[
         bool, typer.Option(help="Add the mode's instruction sentence to steered prompts.")
     ] = False,
+    instruction_image: Annotated[
+        str | None, typer.Option(help="Sentence injected for image steering (default: the paper's).")
+    ] = None,
+    instruction_text: Annotated[
+        str | None, typer.Option(help="Sentence injected for text steering (default: the paper's).")
+    ] = None,
 ) -> None:
     """Serve MODEL with vLLM's OpenAI-compatible server and per-request head steering."""
     import os
 
     from .profile import ProfileError, load_profile
-    from .server import DEFAULT_STEER_ENV, ENFORCE_STEER_ENV, INJECT_INSTRUCTION_ENV, MIDDLEWARE_PATH
+    from .server import (
+        DEFAULT_STEER_ENV,
+        ENFORCE_STEER_ENV,
+        INJECT_INSTRUCTION_ENV,
+        INSTRUCTION_ENV,
+        MIDDLEWARE_PATH,
+    )
     from .steering import Geometry, SpecError, parse_spec
     from .vllm_plugin import ALLOW_RAW_HEADS_ENV, MAX_GAIN_ENV, PROFILE_ENV
 
@@ -222,7 +234,12 @@ def serve(
     env[MAX_GAIN_ENV] = repr(max_gain)
     env[ALLOW_RAW_HEADS_ENV] = "1" if allow_raw_heads else "0"
     env[INJECT_INSTRUCTION_ENV] = "1" if inject_instruction else "0"
-    for key, value in ((DEFAULT_STEER_ENV, default_steer), (ENFORCE_STEER_ENV, enforce_steer)):
+    for key, value in (
+        (DEFAULT_STEER_ENV, default_steer),
+        (ENFORCE_STEER_ENV, enforce_steer),
+        (INSTRUCTION_ENV["image"], instruction_image),
+        (INSTRUCTION_ENV["text"], instruction_text),
+    ):
         if value is None:
             env.pop(key, None)
         else:

@@ -23,6 +23,8 @@ from .vllm_plugin import EXTRA_ARGS_KEY, PluginSettings, settings
 DEFAULT_STEER_ENV = "MODALITY_STEER_DEFAULT"
 ENFORCE_STEER_ENV = "MODALITY_STEER_ENFORCE"
 INJECT_INSTRUCTION_ENV = "MODALITY_STEER_INJECT_INSTRUCTION"
+# The sentences --inject-instruction adds (default: the paper's wording, data.INSTRUCTIONS).
+INSTRUCTION_ENV = {"image": "MODALITY_STEER_INSTRUCTION_IMAGE", "text": "MODALITY_STEER_INSTRUCTION_TEXT"}
 STEERED_PATHS = ("/v1/chat/completions", "/v1/completions")
 HEADER = b"x-modality-steer"
 MAX_BODY_BYTES = 64 * 2**20
@@ -48,6 +50,7 @@ class Policy:
     default: SteerSpec
     enforce: SteerSpec | None
     inject_instruction: bool
+    instructions: dict[str, str]
 
     @classmethod
     def from_environment(cls, plugin: PluginSettings) -> Policy:
@@ -70,6 +73,9 @@ class Policy:
             default=spec(DEFAULT_STEER_ENV) or OFF,
             enforce=enforce,
             inject_instruction=os.environ.get(INJECT_INSTRUCTION_ENV, "0") == "1",
+            instructions={
+                mode: os.environ.get(env) or D.INSTRUCTIONS[mode] for mode, env in INSTRUCTION_ENV.items()
+            },
         )
 
     def parse(self, value: Any, *, allow_raw_heads: bool | None = None) -> SteerSpec:
@@ -121,7 +127,7 @@ def rewrite(payload: dict[str, Any], spec: SteerSpec, policy: Policy) -> dict[st
     else:
         body.pop("vllm_xargs", None)
     if policy.inject_instruction and spec.mode in ("image", "text"):
-        _inject(body, D.INSTRUCTIONS[spec.mode])
+        _inject(body, policy.instructions[spec.mode])
     return body
 
 
@@ -134,7 +140,16 @@ def _inject(body: dict[str, Any], sentence: str) -> None:
                 if isinstance(content, str):
                     message["content"] = f"{sentence}\n{content}"
                 elif isinstance(content, list):
-                    content.insert(0, {"type": "text", "text": sentence + "\n"})
+                    # After the image(s), before the text: the paper's layout puts the instruction there.
+                    first_text = next(
+                        (
+                            i
+                            for i, part in enumerate(content)
+                            if isinstance(part, dict) and part.get("type") == "text"
+                        ),
+                        len(content),
+                    )
+                    content.insert(first_text, {"type": "text", "text": sentence + "\n"})
                 return
         raise PolicyError(
             400, "invalid", "--inject-instruction needs a user message to add the instruction to"

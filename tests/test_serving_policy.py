@@ -84,3 +84,53 @@ def test_enforced_policy_steers_requests_without_a_field(
             max_tokens=2,
             extra_body={"modality_steer": {"follow": "text", "gain": -1}},
         )
+
+
+@pytest.fixture(scope="module")
+def default_inject_server(tiny_llava, llava_profile):
+    args = ["--default-steer", "image", "--inject-instruction", "--allow-raw-heads"]
+    with serve(tiny_llava, llava_profile, "--enforce-eager", steer_args=args) as server:
+        yield server
+
+
+def test_default_steer_and_injected_instruction(
+    default_inject_server, tiny_llava, llava_profile, serve_samples
+):
+    """A request without a field gets the default steering and the mode's instruction sentence before
+    its text; an explicit "off" is served unsteered and unchanged."""
+    sample = serve_samples[2]
+    bare = D.LoadedSample(
+        sample=sample.sample.model_copy(update={"context": "", "question": "What is it?"}),
+        image_path=sample.image_path,
+        line=sample.line,
+    )
+    defaulted = default_inject_server.client().chat.completions.with_raw_response.create(
+        model=str(tiny_llava),
+        messages=D.openai_messages(bare, with_instruction=False),
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+        extra_body={"ignore_eos": True},
+    )
+    assert defaulted.headers["x-modality-steer"].startswith("mode=image; gain=3")
+    messages = D.openai_messages(bare, with_instruction=False)
+    messages[0]["content"].insert(1, {"type": "text", "text": D.INSTRUCTIONS["image"] + "\n"})
+    by_hand = default_inject_server.client().chat.completions.create(
+        model=str(tiny_llava),
+        messages=messages,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+        extra_body={"ignore_eos": True, "modality_steer": "image"},
+    )
+    assert served_steps(defaulted.parse()) == served_steps(by_hand)
+    off = default_inject_server.client().chat.completions.with_raw_response.create(
+        model=str(tiny_llava),
+        messages=D.openai_messages(bare, with_instruction=False),
+        max_tokens=4,
+        temperature=0,
+        extra_body={"modality_steer": "off"},
+    )
+    assert "x-modality-steer" not in off.headers
