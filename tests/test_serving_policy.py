@@ -16,7 +16,7 @@ from helpers import (
 )
 
 from steer_server import data as D
-from steer_server import hf
+from steer_server import hf, toy
 from steer_server.profile import load_profile
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -93,44 +93,28 @@ def default_inject_server(tiny_llava, llava_profile):
         yield server
 
 
-def test_default_steer_and_injected_instruction(
-    default_inject_server, tiny_llava, llava_profile, serve_samples
-):
-    """A request without a field gets the default steering and the mode's instruction sentence before
-    its text; an explicit "off" is served unsteered and unchanged."""
-    sample = serve_samples[2]
-    bare = D.LoadedSample(
-        sample=sample.sample.model_copy(update={"context": "", "question": "What is it?"}),
-        image_path=sample.image_path,
-        line=sample.line,
-    )
-    defaulted = default_inject_server.client().chat.completions.with_raw_response.create(
-        model=str(tiny_llava),
-        messages=D.openai_messages(bare, with_instruction=False),
-        max_tokens=4,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=5,
-        extra_body={"ignore_eos": True},
-    )
+def test_default_steer_and_injected_instruction(default_inject_server, tiny_llava, serve_samples):
+    """A request without a field gets the default steering and the mode's instruction sentence; an explicit
+    "off" is served unsteered and without the sentence."""
+    client = default_inject_server.client()
+    messages = D.openai_messages(serve_samples[2], with_instruction=False)
+
+    def ask(extra):
+        return client.chat.completions.with_raw_response.create(
+            model=str(tiny_llava),
+            messages=messages,
+            max_tokens=4,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=5,
+            extra_body={"ignore_eos": True, **extra},
+        )
+
+    defaulted, explicit, off = ask({}), ask({"modality_steer": "image"}), ask({"modality_steer": "off"})
     assert defaulted.headers["x-modality-steer"].startswith("mode=image; gain=3")
-    messages = D.openai_messages(bare, with_instruction=False)
-    messages[0]["content"].insert(1, {"type": "text", "text": D.INSTRUCTIONS["image"] + "\n"})
-    by_hand = default_inject_server.client().chat.completions.create(
-        model=str(tiny_llava),
-        messages=messages,
-        max_tokens=4,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=5,
-        extra_body={"ignore_eos": True, "modality_steer": "image"},
-    )
-    assert served_steps(defaulted.parse()) == served_steps(by_hand)
-    off = default_inject_server.client().chat.completions.with_raw_response.create(
-        model=str(tiny_llava),
-        messages=D.openai_messages(bare, with_instruction=False),
-        max_tokens=4,
-        temperature=0,
-        extra_body={"modality_steer": "off"},
-    )
     assert "x-modality-steer" not in off.headers
+    assert served_steps(defaulted.parse()) == served_steps(explicit.parse())
+    sentence_tokens = len(
+        toy.build_tokenizer()(D.INSTRUCTIONS["image"], add_special_tokens=False)["input_ids"]
+    )
+    assert defaulted.parse().usage.prompt_tokens == off.parse().usage.prompt_tokens + sentence_tokens
