@@ -18,6 +18,8 @@ if not torch.cuda.is_available():
         raise RuntimeError("triton was imported before TRITON_INTERPRET could be set")
     os.environ["TRITON_INTERPRET"] = "1"
 
+from helpers import write_profile
+
 from steer_server import data as D
 from steer_server import toy
 from steer_server.engine import VllmServer
@@ -55,6 +57,12 @@ def toy_test_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def toy_test_samples(toy_test_split: Path) -> list[D.LoadedSample]:
     return D.load_samples(toy_test_split)
+
+
+@pytest.fixture(scope="session")
+def llava_profile(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hand-made profile for the tiny LLaVA (two image heads, one text head, default gain 3)."""
+    return write_profile(tiny_llava, tmp_path_factory.mktemp("profiles") / "llava.json")
 
 
 @pytest.fixture(scope="session")

@@ -32,11 +32,6 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def llava_profile(tiny_llava, tmp_path_factory):
-    return write_profile(tiny_llava, tmp_path_factory.mktemp("profiles") / "llava.json")
-
-
-@pytest.fixture(scope="module")
 def llava_server(tiny_llava, llava_profile):
     with serve(tiny_llava, llava_profile, "--enforce-eager") as server:
         yield server

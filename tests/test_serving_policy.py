@@ -12,7 +12,6 @@ from helpers import (
     reference_steps,
     serve,
     served_steps,
-    write_profile,
 )
 
 from steer_server import data as D
@@ -20,11 +19,6 @@ from steer_server import hf, toy
 from steer_server.profile import load_profile
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def llava_profile(tiny_llava, tmp_path_factory):
-    return write_profile(tiny_llava, tmp_path_factory.mktemp("profiles") / "llava.json")
 
 
 @pytest.fixture(scope="module")
