@@ -30,6 +30,7 @@ from . import __version__, hf
 from . import data as D
 from .architectures import ModelGeometry, geometry_of, image_token_id, o_proj_modules
 from .profile import MODES, PROFILE_FORMAT, Profile, model_fingerprint, save_profile
+from .steering import gains_matrix
 
 DEFAULT_GAINS = (1.5, 2.0, 3.0, 4.0, 6.0)
 MAX_BROKEN_SHARE = 0.05
@@ -453,10 +454,7 @@ class ModeResult:
 
 
 def _gain_table(geometry: ModelGeometry, heads: Sequence[tuple[int, int]], gain: float) -> torch.Tensor:
-    table = torch.ones(geometry.num_layers, geometry.num_heads)
-    for layer, head in heads:
-        table[layer, head] = gain
-    return table
+    return gains_matrix(dict.fromkeys(heads, gain), geometry.num_layers, geometry.num_heads)
 
 
 def rank_mode(

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import data as D
-from .toy import load_image
+from .toy import encode_prompts, load_image
 
 
 @dataclass
@@ -59,18 +59,10 @@ def encode(
     loaded: LoadedModel, samples: Sequence[D.LoadedSample], *, with_instruction: bool = True
 ) -> dict[str, torch.Tensor]:
     """Right-padded batch on the model's device (right padding keeps position ids those of a lone prompt)."""
-    processor = loaded.processor
-    prompts = [
-        processor.apply_chat_template(
-            D.chat_messages(s.sample, with_instruction=with_instruction),
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for s in samples
-    ]
-    images = [load_image(s.image_path) for s in samples if s.image_path is not None]
-    processor.tokenizer.padding_side = "right"
-    batch = processor(text=prompts, images=images or None, padding=True, return_tensors="pt")
+    images = [load_image(s.image_path) for s in samples]
+    batch = encode_prompts(
+        loaded.processor, [s.sample for s in samples], images, with_instruction=with_instruction
+    )
     return {key: value.to(loaded.device) for key, value in batch.items()}
 
 
