@@ -44,6 +44,8 @@ test: lint
 bench: venv
 	$(BIN)/python benchmarks/kernel_bench.py --json benchmarks/kernel_bench.json
 	$(BIN)/python benchmarks/throughput.py --json benchmarks/throughput.json
+	MODALITY_STEER_LOAD_REQUESTS=200 MODALITY_STEER_LOAD_JSON=benchmarks/load.json \
+		$(BIN)/python -m pytest -q -s tests/test_hardening.py -k concurrent_mixed_load
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

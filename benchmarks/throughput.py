@@ -4,7 +4,9 @@
 
 Builds a random-weight LLaVA-architecture bench model (language model of about 150 M parameters), a
 profile for it (5% of heads per mode), and prompts with images; then measures output tokens per second
-for four arms, interleaved over repeats, with the offline engine and through the HTTP server:
+for four arms, with the offline engine and through the HTTP server. Only one engine is alive at a time
+(on a few cores two resident engines disturb each other): each repeat starts the plain engine and the
+plugin engine in turn (alternating which goes first), warms each up, and measures its arms:
 
 - plain: vLLM without the plugin;
 - idle: plugin loaded, no request steered;
@@ -127,34 +129,42 @@ def _offline_worker(
         connection.send((tokens, seconds))
 
 
+ENGINE_ARMS = {"plain": ("plain",), "plugin": ("idle", "all", "mixed")}
+
+
+def _engine_order(repeat: int) -> list[str]:
+    # Alternate which engine goes first, so a slow drift of the machine does not favour one side.
+    return ["plain", "plugin"] if repeat % 2 == 0 else ["plugin", "plain"]
+
+
 def offline(
     model_dir: Path, profile: Path, messages: list[Any], repeats: int, max_tokens: int, eager: bool
 ) -> dict[str, list[float]]:
+    """One engine alive at a time (two resident engines disturb each other on a few cores): per repeat,
+    start each engine, warm it up, measure its arms, stop it."""
     context = mp.get_context("spawn")
-    workers = {}
-    for name, profile_arg in (("plain", None), ("plugin", str(profile))):
-        parent, child = context.Pipe()
-        process = context.Process(
-            target=_offline_worker, args=(child, str(model_dir), profile_arg, messages, max_tokens, eager)
-        )
-        process.start()
-        if parent.recv() != "ready":
-            raise RuntimeError(f"offline engine {name} did not start")
-        workers[name] = (parent, process)
     rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    try:
-        for repeat in range(repeats + 1):  # the first round warms up and is discarded
-            for arm in ARMS:
-                connection, _ = workers["plain" if arm == "plain" else "plugin"]
-                connection.send(specs_for(arm, len(messages)))
-                tokens, seconds = connection.recv()
-                if repeat:
+    for repeat in range(repeats):
+        for engine in _engine_order(repeat):
+            parent, child = context.Pipe()
+            profile_arg = None if engine == "plain" else str(profile)
+            process = context.Process(
+                target=_offline_worker, args=(child, str(model_dir), profile_arg, messages, max_tokens, eager)
+            )
+            process.start()
+            try:
+                if parent.recv() != "ready":
+                    raise RuntimeError(f"offline engine {engine} did not start")
+                parent.send(specs_for(ENGINE_ARMS[engine][-1], len(messages)))  # warm-up, discarded
+                parent.recv()
+                for arm in ENGINE_ARMS[engine]:
+                    parent.send(specs_for(arm, len(messages)))
+                    tokens, seconds = parent.recv()
                     rates[arm].append(tokens / seconds)
-                print(f"offline {arm:<6} repeat {repeat}: {tokens / seconds:8.1f} tok/s", flush=True)
-    finally:
-        for connection, process in workers.values():
-            connection.send(None)
-            process.join(timeout=60)
+                    print(f"offline {arm:<6} repeat {repeat}: {tokens / seconds:8.1f} tok/s", flush=True)
+            finally:
+                parent.send(None)
+                process.join(timeout=120)
     return rates
 
 
@@ -174,37 +184,36 @@ def http(
 
     args = ["--max-model-len", "256", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(512 * 2**20)]
     args += ["--enforce-eager"] if eager else []
-    # The later --kv-cache-memory-bytes overrides the launcher's CPU default.
-    plain = VllmServer(model_dir, args)
-    steered = VllmServer(model_dir, args, profile=profile)
     rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    with plain, steered:
-        for repeat in range(repeats + 1):
-            for arm in ARMS:
-                server = plain if arm == "plain" else steered
-                client = server.client()
 
-                def one(item: tuple[Any, Any], client: Any = client) -> int:
-                    message, spec = item
-                    extra: dict[str, Any] = {"ignore_eos": True}
-                    if spec is not None:
-                        extra["modality_steer"] = spec
-                    reply = client.chat.completions.create(
-                        model=str(model_dir),
-                        messages=message,
-                        max_tokens=max_tokens,
-                        temperature=0,
-                        extra_body=extra,
-                    )
-                    return int(reply.usage.completion_tokens)
+    def run_arm(server: Any, arm: str) -> float:
+        client = server.client()
 
-                started = time.perf_counter()
-                with ThreadPoolExecutor(max_workers=concurrency) as pool:
-                    tokens = sum(pool.map(one, zip(messages, specs_for(arm, len(messages)), strict=True)))
-                seconds = time.perf_counter() - started
-                if repeat:
-                    rates[arm].append(tokens / seconds)
-                print(f"http    {arm:<6} repeat {repeat}: {tokens / seconds:8.1f} tok/s", flush=True)
+        def one(item: tuple[Any, Any]) -> int:
+            message, spec = item
+            extra: dict[str, Any] = {"ignore_eos": True}
+            if spec is not None:
+                extra["modality_steer"] = spec
+            reply = client.chat.completions.create(
+                model=str(model_dir), messages=message, max_tokens=max_tokens, temperature=0, extra_body=extra
+            )
+            return int(reply.usage.completion_tokens)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            tokens = sum(pool.map(one, zip(messages, specs_for(arm, len(messages)), strict=True)))
+        return tokens / (time.perf_counter() - started)
+
+    for repeat in range(repeats):
+        for engine in _engine_order(repeat):
+            # The later --kv-cache-memory-bytes overrides the launcher's CPU default.
+            server = VllmServer(model_dir, args, profile=None if engine == "plain" else profile)
+            with server:
+                run_arm(server, ENGINE_ARMS[engine][-1])  # warm-up, discarded
+                for arm in ENGINE_ARMS[engine]:
+                    rate = run_arm(server, arm)
+                    rates[arm].append(rate)
+                    print(f"http    {arm:<6} repeat {repeat}: {rate:8.1f} tok/s", flush=True)
     return rates
 
 

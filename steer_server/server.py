@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import data as D
-from .steering import OFF, SpecError, SteerSpec, parse_spec
-from .vllm_plugin import EXTRA_ARGS_KEY, PluginSettings, settings
+from .steering import OFF, SpecError, SteerSpec, parse_spec, spec_json_schema
+from .vllm_plugin import EXTRA_ARGS_KEY, WORKER_STATE_METHOD, PluginSettings, settings
 
 DEFAULT_STEER_ENV = "MODALITY_STEER_DEFAULT"
 ENFORCE_STEER_ENV = "MODALITY_STEER_ENFORCE"
@@ -26,6 +26,8 @@ INJECT_INSTRUCTION_ENV = "MODALITY_STEER_INJECT_INSTRUCTION"
 # The sentences --inject-instruction adds (default: the paper's wording, data.INSTRUCTIONS).
 INSTRUCTION_ENV = {"image": "MODALITY_STEER_INSTRUCTION_IMAGE", "text": "MODALITY_STEER_INSTRUCTION_TEXT"}
 STEERED_PATHS = ("/v1/chat/completions", "/v1/completions")
+# GET: the workers' steering state (slots held, requests tracked); under /v1 so that --api-key guards it.
+STATE_PATH = "/v1/modality_steer/state"
 HEADER = b"x-modality-steer"
 MAX_BODY_BYTES = 64 * 2**20
 
@@ -211,17 +213,9 @@ async def _error(send: Send, status: int, message: str) -> None:
     kind = {400: "BadRequestError", 403: "PermissionDeniedError", 413: "RequestTooLargeError"}.get(
         status, "Error"
     )
-    body = json.dumps(
-        {"error": {"message": message, "type": kind, "param": EXTRA_ARGS_KEY, "code": status}}
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
+    await _json(
+        send, status, {"error": {"message": message, "type": kind, "param": EXTRA_ARGS_KEY, "code": status}}
     )
-    await send({"type": "http.response.body", "body": body})
 
 
 class ModalitySteerMiddleware:
@@ -237,6 +231,9 @@ class ModalitySteerMiddleware:
         self.metrics = metrics(plugin)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "GET" and scope.get("path") == STATE_PATH:
+            await self._state(scope, send)
+            return
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in STEERED_PATHS:
             await self.app(scope, receive, send)
             return
@@ -264,7 +261,7 @@ class ModalitySteerMiddleware:
                 self.metrics.rejected.labels(reason="invalid").inc()
                 await _error(send, 400, "the request body is not a JSON object")
                 return
-            await self.app(scope, _replay(body), send)
+            await self.app(scope, _replay(body, receive), send)
             return
         try:
             spec = self.policy.decide(payload)
@@ -288,32 +285,54 @@ class ModalitySteerMiddleware:
                 message = dict(message, headers=[*message.get("headers", []), (HEADER, spec_header)])
             await send(message)
 
-        await self.app(scope, _replay(new_body), labelled_send)
+        await self.app(scope, _replay(new_body, receive), labelled_send)
+
+    async def _state(self, scope: Scope, send: Send) -> None:
+        engine = getattr(getattr(scope.get("app"), "state", None), "engine_client", None)
+        try:
+            if engine is None:
+                raise RuntimeError("no engine client on this app")
+            workers = await engine.collective_rpc(WORKER_STATE_METHOD)
+        except Exception as exc:  # a dead or missing engine: say so, never report an empty state
+            await _json(send, 503, {"error": {"message": f"engine unavailable: {exc}", "code": 503}})
+            return
+        await _json(send, 200, {"profile_id": self.plugin.profile.profile_id, "workers": workers})
 
 
-def _replay(body: bytes) -> Receive:
+async def _json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The (rewritten) body first, then the client's own messages: vLLM watches them for a disconnect,
+    which is how it aborts a request whose client went away (and frees its steering slot)."""
     sent = False
 
-    async def receive() -> Message:
+    async def replayed() -> Message:
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        # After the body, the request is complete; wait like a real connection would.
-        import asyncio
+        return await receive()
 
-        await asyncio.Event().wait()
-        return {"type": "http.disconnect"}
-
-    return receive
+    return replayed
 
 
 MIDDLEWARE_PATH = f"{ModalitySteerMiddleware.__module__}.{ModalitySteerMiddleware.__name__}"
 
 
 def patch_api_server() -> None:
-    """Make sure the middleware is installed in a plain `python -m vllm.entrypoints.openai.api_server`
-    launch too (`modality-steer serve` passes it with --middleware)."""
+    """Install the middleware in every launch (`modality-steer serve` or a plain
+    `python -m vllm.entrypoints.openai.api_server` with MODALITY_STEER_PROFILE) and document
+    `modality_steer` in the OpenAPI schema.
+
+    vLLM adds `--middleware` entries last, which makes them the outermost: they would run before
+    `--api-key` authentication. This installs the middleware first instead (innermost), so an
+    unauthenticated request is refused by vLLM before anything here reads it.
+    """
     from vllm.entrypoints.launchers import app as launcher_app
     from vllm.entrypoints.serve.middleware import register as middleware_register
 
@@ -321,13 +340,41 @@ def patch_api_server() -> None:
     if getattr(original, "_modality_steer", False):
         return
 
-    def init_entrypoints_middleware(args: Any, *rest: Any, **kwargs: Any) -> Any:
-        middlewares = list(getattr(args, "middleware", None) or [])
-        if MIDDLEWARE_PATH not in middlewares:
-            args.middleware = [*middlewares, MIDDLEWARE_PATH]
-        return original(args, *rest, **kwargs)
+    def init_entrypoints_middleware(args: Any, app: Any, *rest: Any, **kwargs: Any) -> Any:
+        args.middleware = [m for m in (getattr(args, "middleware", None) or []) if m != MIDDLEWARE_PATH]
+        app.add_middleware(ModalitySteerMiddleware)
+        _document_parameter(app)
+        return original(args, app, *rest, **kwargs)
 
     init_entrypoints_middleware._modality_steer = True  # type: ignore[attr-defined]
     # The launcher imported the function by name: rebind it there too.
     middleware_register.init_entrypoints_middleware = init_entrypoints_middleware
     launcher_app.init_entrypoints_middleware = init_entrypoints_middleware
+
+
+def _document_parameter(app: Any) -> None:
+    """Add `modality_steer` to the request schemas of the steered routes in the app's OpenAPI document."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        document: dict[str, Any] = original()
+        plugin = settings()
+        if plugin is None or document.get("x-modality-steer"):
+            return document
+        field = spec_json_schema(
+            geometry=plugin.geometry, max_gain=plugin.max_gain, allow_raw_heads=plugin.allow_raw_heads
+        )
+        schemas = document.get("components", {}).get("schemas", {})
+        for path in STEERED_PATHS:
+            content = document.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {})
+            for media in content.get("content", {}).values():
+                refs = [media.get("schema", {})]
+                refs += media.get("schema", {}).get("anyOf", [])
+                for ref in refs:
+                    name = ref.get("$ref", "").rpartition("/")[2]
+                    if name in schemas:
+                        schemas[name].setdefault("properties", {})[EXTRA_ARGS_KEY] = field
+        document["x-modality-steer"] = {"profile_id": plugin.profile.profile_id}
+        return document
+
+    app.openapi = openapi

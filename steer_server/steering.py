@@ -128,6 +128,51 @@ def _raw_heads(items: Any, geometry: Geometry, max_gain: float) -> tuple[tuple[i
     return tuple(parsed)
 
 
+def spec_json_schema(*, geometry: Geometry, max_gain: float, allow_raw_heads: bool) -> dict[str, Any]:
+    """JSON Schema of the `modality_steer` request field on this server (for its OpenAPI document)."""
+    follow = {
+        "type": "object",
+        "properties": {
+            "follow": {"type": "string", "enum": ["image", "text"]},
+            "gain": {"type": "number", "minimum": 0, "maximum": max_gain},
+        },
+        "required": ["follow"],
+        "additionalProperties": False,
+    }
+    forms: list[dict[str, Any]] = [{"type": "string", "enum": ["off", "image", "text"]}, follow]
+    if allow_raw_heads:
+        limit = geometry.num_layers * geometry.num_heads
+        head = {
+            "type": "array",
+            "prefixItems": [
+                {"type": "integer", "minimum": 0, "maximum": geometry.num_layers - 1},
+                {"type": "integer", "minimum": 0, "maximum": geometry.num_heads - 1},
+                {"type": "number", "minimum": 0, "maximum": max_gain},
+            ],
+            "minItems": 3,
+            "maxItems": 3,
+        }
+        forms.append(
+            {
+                "type": "object",
+                "properties": {"heads": {"type": "array", "items": head, "minItems": 1, "maxItems": limit}},
+                "required": ["heads"],
+                "additionalProperties": False,
+            }
+        )
+    forms.append({"type": "string", "description": "one of the objects above as a JSON string"})
+    return {
+        "title": "modality_steer",
+        "description": (
+            "Which modality to answer from, by scaling the profile's arbitration heads: 'image' / 'text' "
+            "(the profile's default gain), {'follow': ..., 'gain': G} (0 blocks), 'off'"
+            + (", or explicit {'heads': [[layer, head, gain], ...]}" if allow_raw_heads else "")
+            + ". Also accepted as vllm_xargs.modality_steer (a string)."
+        ),
+        "anyOf": forms,
+    }
+
+
 def effective_gains(spec: SteerSpec, profile: Profile | None) -> dict[tuple[int, int], float]:
     """(layer, head) → gain for every head the spec changes (heads at gain 1 are left out)."""
     if spec.mode == "off":

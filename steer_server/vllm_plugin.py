@@ -45,6 +45,9 @@ class SteeringConfigError(RuntimeError):
     """The deployment cannot steer as configured; the engine must not start (never serve unsteered)."""
 
 
+WORKER_STATE_METHOD = "modality_steer_state"
+
+
 @dataclass(frozen=True)
 class PluginSettings:
     profile_path: Path
@@ -282,12 +285,21 @@ class WorkerSteering:
     def slots_in_use(self) -> int:
         return len(self._refs)
 
+    def state(self) -> dict[str, Any]:
+        """What a debug endpoint shows: slots held (by how many requests) and requests tracked."""
+        return {
+            "tp_rank": self.tp_rank,
+            "slots_in_use": self.slots_in_use,
+            "max_slots": self.max_slots - 1,
+            "requests_tracked": len(self._slot_of_request),
+            "requests_steered": sum(len(holders) for holders in self._refs.values()),
+        }
+
     # ---- per step ----------------------------------------------------------------------------
 
     def begin_step(self, runner: Any, num_scheduled_tokens: Any) -> None:
         import numpy as np
 
-        self.release(runner.requests)
         num_reqs = runner.input_batch.num_reqs
         request_ids = runner.input_batch.req_ids[:num_reqs]
         slots = np.array(
@@ -371,6 +383,33 @@ def _patch_model_runner() -> None:
     base = gpu_model_runner.GPUModelRunner
     if not getattr(base._prepare_inputs, "_modality_steer", False):
         base._prepare_inputs = _before_forward(base._prepare_inputs)  # type: ignore[method-assign]
+    if not getattr(base._update_states, "_modality_steer", False):
+        base._update_states = _after_update_states(base._update_states)  # type: ignore[method-assign]
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    setattr(WorkerBase, WORKER_STATE_METHOD, _worker_state)
+
+
+def _worker_state(worker: Any) -> dict[str, Any]:
+    """Run in a worker by `collective_rpc` (the API server's state endpoint)."""
+    state: WorkerSteering | None = getattr(worker.model_runner, "_modality_steer", None)
+    if state is None:
+        raise SteeringConfigError("modality-steer: this worker's model runner was not set up")
+    return state.state()
+
+
+def _after_update_states(original: Any) -> Any:
+    def update_states(self: Any, scheduler_output: Any) -> Any:
+        result = original(self, scheduler_output)
+        state: WorkerSteering | None = getattr(self, "_modality_steer", None)
+        if state is not None:
+            # Finished and aborted requests have just left `self.requests`, also on a step that
+            # schedules no tokens (the step that only reports them finished): free their slots now.
+            state.release(self.requests)
+        return result
+
+    update_states._modality_steer = True  # type: ignore[attr-defined]
+    return update_states
 
 
 def _after_load(original: Any) -> Any:

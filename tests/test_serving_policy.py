@@ -21,12 +21,36 @@ from steer_server.profile import load_profile
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
+API_KEY = "test-key-7c1f"
+
+
+class _KeyedServer:
+    """The enforced server with its key filled in for every client."""
+
+    def __init__(self, server):
+        self.server = server
+        self.base_url = server.base_url
+
+    def client(self, **kwargs):
+        return self.server.client(api_key=API_KEY, **kwargs)
+
+
 @pytest.fixture(scope="module")
-def enforced_server(tiny_llava, llava_profile):
+def enforced_raw_server(tiny_llava, llava_profile):
     with serve(
-        tiny_llava, llava_profile, "--enforce-eager", steer_args=["--enforce-steer", "text"]
+        tiny_llava,
+        llava_profile,
+        "--enforce-eager",
+        "--api-key",
+        API_KEY,
+        steer_args=["--enforce-steer", "text"],
     ) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def enforced_server(enforced_raw_server):
+    return _KeyedServer(enforced_raw_server)
 
 
 FORBIDDEN = [
@@ -112,3 +136,117 @@ def test_default_steer_and_injected_instruction(default_inject_server, tiny_llav
         toy.build_tokenizer()(D.INSTRUCTIONS["image"], add_special_tokens=False)["input_ids"]
     )
     assert defaulted.parse().usage.prompt_tokens == off.parse().usage.prompt_tokens + sentence_tokens
+
+
+# --------------------------------------------------------------------------------------------------
+# No request form escapes the enforced steering: streaming, n > 1, both routes.
+# --------------------------------------------------------------------------------------------------
+
+
+def _stream_tokens(stream) -> list[str]:
+    return [
+        step.token
+        for chunk in stream
+        for choice in chunk.choices
+        if choice.logprobs and choice.logprobs.content
+        for step in choice.logprobs.content
+    ]
+
+
+def test_streaming_and_n_greater_than_one_stay_enforced(
+    enforced_server, tiny_llava, llava_profile, serve_samples
+):
+    client = enforced_server.client()
+    sample = serve_samples[3]
+    expected = reference_steps(hf.load_model(tiny_llava), load_profile(llava_profile), sample, "text")
+    common = {
+        "model": str(tiny_llava),
+        "messages": D.openai_messages(sample),
+        "max_tokens": len(expected),
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 5,
+        "extra_body": {"ignore_eos": True},
+    }
+    streamed = _stream_tokens(client.chat.completions.create(stream=True, **common))
+    assert [t.strip() for t in streamed] == [token for token, _ in expected]
+    # n > 1 needs sampling, so the sampled tokens may differ; the first step's logprobs (raw model
+    # logprobs, before sampling) do not, and must be the text-steered ones in every choice.
+    several = client.chat.completions.create(n=3, **{**common, "temperature": 0.7})
+    assert len(several.choices) == 3
+    first_step = [expected[0]]
+    for choice in several.choices:
+        step = choice.logprobs.content[0]
+        got = [(step.token.strip(), {t.token.strip(): t.logprob for t in step.top_logprobs})]
+        # The list holds the sampled token first when it is not among the top ones: compare the shared words.
+        shared = set(got[0][1]) & set(first_step[0][1])
+        assert len(shared) >= 4, (got, first_step)
+        for word in shared:
+            assert abs(got[0][1][word] - first_step[0][1][word]) < 1e-3, (word, got, first_step)
+    for extra in ({"modality_steer": "off"}, {"vllm_xargs": {"modality_steer": "image"}}):
+        with pytest.raises(openai.PermissionDeniedError):
+            client.chat.completions.create(stream=True, **{**common, "extra_body": extra})
+        with pytest.raises(openai.PermissionDeniedError):
+            client.chat.completions.create(n=2, **{**common, "temperature": 0.5, "extra_body": extra})
+        with pytest.raises(openai.PermissionDeniedError):
+            client.completions.create(
+                model=str(tiny_llava),
+                prompt="USER: hi ASSISTANT:",
+                max_tokens=2,
+                stream=True,
+                extra_body=extra,
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# --api-key: nothing is served, and nothing about steering is answered, without the key.
+# --------------------------------------------------------------------------------------------------
+
+UNAUTHENTICATED = [
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "modality_steer": "off"},
+    ),
+    ("POST", "/v1/completions", {"prompt": "hi", "modality_steer": {"follow": "text", "gain": 99}}),
+    ("POST", "/v1/completions", {"prompt": "hi", "vllm_xargs": {"modality_steer": "{broken"}}),
+    ("GET", "/v1/models", None),
+    ("GET", "/v1/modality_steer/state", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "fields"), UNAUTHENTICATED, ids=[f"{m} {p}" for m, p, _ in UNAUTHENTICATED]
+)
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_api_key_is_required_before_anything_else(enforced_raw_server, tiny_llava, method, path, fields, key):
+    """vLLM's authentication runs before modality-steer reads the request: a request without the key gets
+    401, never a steering error (which would tell an anonymous client about the policy) or an answer."""
+    import urllib.error
+    import urllib.request
+
+    data = (
+        None if fields is None else json.dumps({"model": str(tiny_llava), "max_tokens": 2, **fields}).encode()
+    )
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(
+        f"{enforced_raw_server.base_url}{path}", data=data, headers=headers, method=method
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 401
+
+
+def test_state_endpoint_answers_with_the_key(enforced_raw_server):
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{enforced_raw_server.base_url}/v1/modality_steer/state",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        state = json.loads(response.read())
+    assert [w["slots_in_use"] for w in state["workers"]] == [0]

@@ -1,0 +1,602 @@
+"""Hardening against a real server on loopback: hostile values, fuzzing, load, client faults, engine death.
+
+Every case ends with the server still healthy (except the engine-death test, whose server must stop
+serving instead of serving unsteered).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psutil
+import pytest
+from helpers import serve
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from steer_server import data as D
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+ROUTES = ("/v1/chat/completions", "/v1/completions")
+# CI sends fewer concurrent requests than the full load test (`make bench` sets 200).
+LOAD_REQUESTS = int(os.environ.get("MODALITY_STEER_LOAD_REQUESTS", "48"))
+# Long enough for requests that are still generating when a client goes away (overrides BASE_ARGS);
+# the servers here run a copy of the tiny model whose config allows it (its weights are the same).
+LONG_CONTEXT = ("--max-model-len", "8192")
+LONG_GENERATION = 7000
+
+
+@pytest.fixture(scope="module")
+def long_llava(tiny_llava, tmp_path_factory):
+    """The tiny LLaVA with max_position_embeddings 8192 (RoPE, random weights: any length is as good)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("long-llava") / "model"
+    shutil.copytree(tiny_llava, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 8192
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def open_server(long_llava, llava_profile):
+    """Raw heads allowed, max gain 8 (the default); vLLM logs aborts (the abort test reads them)."""
+    with serve(
+        long_llava, llava_profile, "--enforce-eager", "--enable-log-requests", *LONG_CONTEXT
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def closed_server(long_llava, llava_profile):
+    """No raw heads. The engine-death test kills this one last."""
+    with serve(long_llava, llava_profile, "--enforce-eager", *LONG_CONTEXT, steer_args=()) as server:
+        yield server
+
+
+def post(server: Any, path: str, body: Any, *, timeout: float = 60) -> tuple[int, dict[str, str], Any]:
+    """POST raw bytes (NaN and Infinity literals allowed, which client libraries refuse to send)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{server.base_url}{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        raw = error.read()
+        try:
+            payload = json.loads(raw)
+        except json.JSONDecodeError:
+            payload = raw.decode(errors="replace")
+        return error.code, dict(error.headers), payload
+
+
+def base_body(model: str, route: str, sample: D.LoadedSample) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "max_tokens": 1, "temperature": 0}
+    if route == "/v1/chat/completions":
+        body["messages"] = D.openai_messages(sample)
+    else:
+        body["prompt"] = "USER: What colour is the object? ASSISTANT:"
+    return body
+
+
+def worker_state(server: Any) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{server.base_url}/v1/modality_steer/state", timeout=30) as response:
+        return json.loads(response.read())["workers"]
+
+
+def wait_until_released(server: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The workers' state once no slot is held and no request is tracked (or the last seen at timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = worker_state(server)
+        if all(w["slots_in_use"] == 0 and w["requests_tracked"] == 0 for w in state):
+            return state
+        if time.monotonic() > deadline:
+            return state
+        time.sleep(0.5)
+
+
+def assert_server_still_serves(server: Any, model: str, sample: D.LoadedSample) -> None:
+    assert server.healthy()
+    status, headers, reply = post(
+        server, "/v1/chat/completions", {**base_body(model, ROUTES[0], sample), "modality_steer": "image"}
+    )
+    assert status == 200 and headers["x-modality-steer"].startswith("mode=image"), reply
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one row per case, the expected status and error text.
+# --------------------------------------------------------------------------------------------------
+
+TOO_MANY_HEADS = [[layer, head, 1.5] for layer in range(2) for head in range(4)] + [[0, 0, 1.5]]
+BAD_INPUT: list[tuple[str, str, dict[str, Any], str]] = [
+    # (case, server, request fields, expected error text)
+    ("gain NaN", "open", {"modality_steer": {"follow": "text", "gain": float("nan")}}, "gain must be finite"),
+    (
+        "gain +inf",
+        "open",
+        {"modality_steer": {"follow": "text", "gain": float("inf")}},
+        "gain must be finite",
+    ),
+    (
+        "gain -inf",
+        "open",
+        {"modality_steer": {"follow": "image", "gain": float("-inf")}},
+        "gain must be finite",
+    ),
+    ("gain negative", "open", {"modality_steer": {"follow": "text", "gain": -1}}, "gain must lie in [0, 8]"),
+    ("gain above max", "open", {"modality_steer": {"follow": "text", "gain": 9}}, "gain must lie in [0, 8]"),
+    ("gain string", "open", {"modality_steer": {"follow": "text", "gain": "2"}}, "gain must be a number"),
+    ("gain bool", "open", {"modality_steer": {"follow": "text", "gain": True}}, "gain must be a number"),
+    ("gain null", "open", {"modality_steer": {"follow": "text", "gain": None}}, "gain must be a number"),
+    (
+        "gain object",
+        "open",
+        {"modality_steer": {"follow": "text", "gain": {"a": 1}}},
+        "gain must be a number",
+    ),
+    (
+        "nested object",
+        "open",
+        {"modality_steer": {"follow": {"follow": "text"}}},
+        "follow must be 'image' or",
+    ),
+    ("unknown mode", "open", {"modality_steer": "loud"}, "unknown mode 'loud'"),
+    ("unknown follow", "open", {"modality_steer": {"follow": "both"}}, "follow must be 'image' or 'text'"),
+    ("unknown keys", "open", {"modality_steer": {"follow": "text", "boost": 2}}, "unknown keys"),
+    ("number", "open", {"modality_steer": 2}, "got int"),
+    ("list", "open", {"modality_steer": ["image"]}, "got list"),
+    ("layer out of range", "open", {"modality_steer": {"heads": [[2, 0, 1.0]]}}, "layer 2 is out of range"),
+    ("head out of range", "open", {"modality_steer": {"heads": [[0, 4, 1.0]]}}, "head 4 is out of range"),
+    ("negative head", "open", {"modality_steer": {"heads": [[0, -1, 1.0]]}}, "head -1 is out of range"),
+    ("float layer", "open", {"modality_steer": {"heads": [[0.5, 0, 1.0]]}}, "layer must be an integer"),
+    ("head not a triple", "open", {"modality_steer": {"heads": [[0, 0]]}}, "must be [layer, head, gain]"),
+    ("duplicated head", "open", {"modality_steer": {"heads": [[0, 0, 1.0], [0, 0, 2.0]]}}, "listed twice"),
+    ("empty head list", "open", {"modality_steer": {"heads": []}}, "non-empty list"),
+    ("oversized head list", "open", {"modality_steer": {"heads": TOO_MANY_HEADS}}, "only 8 heads"),
+    ("raw head gain NaN", "open", {"modality_steer": {"heads": [[0, 0, float("nan")]]}}, "must be finite"),
+    ("raw heads not allowed", "closed", {"modality_steer": {"heads": [[0, 0, 0.0]]}}, "--allow-raw-heads"),
+    ("xargs malformed JSON", "open", {"vllm_xargs": {"modality_steer": "{not json"}}, "not valid JSON"),
+    (
+        "xargs gain too big",
+        "open",
+        {"vllm_xargs": {"modality_steer": '{"follow":"text","gain":99}'}},
+        "[0, 8]",
+    ),
+    (
+        "xargs NaN literal",
+        "open",
+        {"vllm_xargs": {"modality_steer": '{"follow":"text","gain":NaN}'}},
+        "finite",
+    ),
+    (
+        "xargs not a string",
+        "open",
+        {"vllm_xargs": {"modality_steer": {"follow": "text"}}},
+        "must be a string",
+    ),
+    ("xargs not an object", "open", {"vllm_xargs": "modality_steer=text"}, "vllm_xargs must be an object"),
+    ("given twice", "open", {"modality_steer": "text", "vllm_xargs": {"modality_steer": "text"}}, "once"),
+]
+
+
+@pytest.mark.parametrize(("case", "which", "fields", "needle"), BAD_INPUT, ids=[row[0] for row in BAD_INPUT])
+@pytest.mark.parametrize("route", ROUTES)
+def test_bad_input_gets_400_and_the_server_stays_healthy(
+    request, long_llava, serve_samples, route, case, which, fields, needle
+):
+    server = request.getfixturevalue(f"{which}_server")
+    status, _, reply = post(server, route, {**base_body(str(long_llava), route, serve_samples[0]), **fields})
+    assert status == 400, (case, reply)
+    error = reply["error"]
+    assert error["param"] == "modality_steer" and error["type"] == "BadRequestError", error
+    assert needle in error["message"], (case, error["message"])
+    assert server.healthy()
+
+
+def test_oversized_body_gets_413(open_server, long_llava, serve_samples):
+    from steer_server.server import MAX_BODY_BYTES
+
+    body = base_body(str(long_llava), ROUTES[1], serve_samples[0])
+    body["prompt"] = "x" * (MAX_BODY_BYTES + 1)
+    status, _, reply = post(open_server, ROUTES[1], body)
+    assert status == 413, reply
+    assert_server_still_serves(open_server, str(long_llava), serve_samples[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# The OpenAPI document and fuzzing.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_openapi_documents_the_parameter(open_server):
+    with urllib.request.urlopen(f"{open_server.base_url}/openapi.json", timeout=30) as response:
+        document = json.loads(response.read())
+    schemas = document["components"]["schemas"]
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        field = schemas[name]["properties"]["modality_steer"]
+        forms = field["anyOf"]
+        assert {"type": "string", "enum": ["off", "image", "text"]} in forms
+        follow = next(f for f in forms if f.get("properties", {}).get("follow"))
+        assert follow["properties"]["gain"] == {"type": "number", "minimum": 0, "maximum": 8.0}
+        assert any("heads" in f.get("properties", {}) for f in forms)  # --allow-raw-heads is on
+
+
+JSON_SCALARS = st.none() | st.booleans() | st.integers(-(10**9), 10**9) | st.floats() | st.text(max_size=12)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=16,
+)
+NUMBERS = st.integers(-5, 12) | st.floats()
+NEAR_VALID = st.one_of(
+    st.sampled_from(["off", "image", "text", " image ", "IMAGE", ""]),
+    st.fixed_dictionaries({"follow": st.sampled_from(["image", "text", "both", ""]), "gain": NUMBERS}),
+    st.fixed_dictionaries(
+        {"heads": st.lists(st.lists(NUMBERS, min_size=0, max_size=4), min_size=0, max_size=10)}
+    ),
+)
+STEER_VALUES = st.one_of(JSON_VALUES, NEAR_VALID, NEAR_VALID.map(lambda v: json.dumps(v)))
+PLACEMENTS = st.sampled_from(["top", "xargs", "xargs-raw"])
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_fuzzed_modality_steer_never_gets_a_5xx(open_server, long_llava, serve_samples, route):
+    seen: dict[int, int] = {}
+
+    @settings(
+        max_examples=int(os.environ.get("MODALITY_STEER_FUZZ_EXAMPLES", "120")),
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(value=STEER_VALUES, placement=PLACEMENTS)
+    def case(value: Any, placement: str) -> None:
+        body = base_body(str(long_llava), route, serve_samples[0])
+        if placement == "top":
+            body["modality_steer"] = value
+        elif placement == "xargs":
+            body["vllm_xargs"] = {"modality_steer": value if isinstance(value, str) else json.dumps(value)}
+        else:
+            body["vllm_xargs"] = {"modality_steer": value}
+        status, _, reply = post(open_server, route, body)
+        seen[status] = seen.get(status, 0) + 1
+        assert status < 500, (body.get("modality_steer"), body.get("vllm_xargs"), reply)
+        if status == 400:
+            assert reply["error"]["param"] == "modality_steer", reply
+        else:
+            assert status == 200, reply
+
+    case()
+    assert seen.get(200) and seen.get(400), seen  # the fuzzer reached both sides of the validation
+    assert_server_still_serves(open_server, str(long_llava), serve_samples[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Load: many concurrent requests of mixed steering.
+# --------------------------------------------------------------------------------------------------
+
+LOAD_SPECS: list[Any] = [
+    None,
+    "image",
+    "text",
+    {"follow": "text", "gain": 0},
+    {"follow": "image", "gain": 1.5},
+    {"heads": [[0, 1, 0.0], [1, 2, 4.0]]},
+    {"heads": [[1, 0, 2.5]]},
+    "off",
+]
+
+
+def _load_request(index: int, model: str, samples: list[D.LoadedSample]) -> tuple[str, dict[str, Any]]:
+    spec = LOAD_SPECS[index % len(LOAD_SPECS)]
+    sample = samples[index % len(samples)]
+    route = ROUTES[(index // len(LOAD_SPECS)) % 2]
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": 6,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": True if route == ROUTES[0] else 1,
+    }
+    if route == ROUTES[0]:
+        body["messages"] = D.openai_messages(sample)
+    else:
+        body["prompt"] = f"USER: {D.user_text(sample.sample)} ASSISTANT:"
+    if spec is not None:
+        body["modality_steer"] = spec
+    return route, body
+
+
+def _tokens(route: str, reply: dict[str, Any]) -> list[str]:
+    choice = reply["choices"][0]
+    if route == ROUTES[0]:
+        return [step["token"] for step in choice["logprobs"]["content"]]
+    return list(choice["logprobs"]["tokens"])
+
+
+def _server_rss(server: Any) -> int:
+    root = psutil.Process(server.process.pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+def test_concurrent_mixed_load_completes_exactly_and_releases_every_slot(
+    open_server, long_llava, serve_samples
+):
+    model = str(long_llava)
+    requests = [_load_request(i, model, serve_samples) for i in range(LOAD_REQUESTS)]
+    alone = [_tokens(route, post(open_server, route, body)[2]) for route, body in requests]
+
+    def timed(item: tuple[str, dict[str, Any]]) -> tuple[int, Any, float]:
+        started = time.perf_counter()
+        status, _, reply = post(open_server, *item, timeout=300)
+        return status, reply, time.perf_counter() - started
+
+    rss = [_server_rss(open_server)]
+    latencies: list[float] = []
+    for _wave in range(2):
+        with ThreadPoolExecutor(max_workers=LOAD_REQUESTS) as pool:
+            results = list(pool.map(timed, requests))
+        assert [status for status, _, _ in results] == [200] * LOAD_REQUESTS, [
+            r for r in results if r[0] != 200
+        ]
+        together = [
+            _tokens(route, reply) for (route, _), (_, reply, _) in zip(requests, results, strict=True)
+        ]
+        assert together == alone
+        latencies += [seconds for _, _, seconds in results]
+        state = wait_until_released(open_server)
+        assert all(w["slots_in_use"] == 0 and w["requests_tracked"] == 0 for w in state), state
+        rss.append(_server_rss(open_server))
+    growth = (rss[2] - rss[1]) / 2**20
+    assert growth < 64, f"server memory grew by {growth:.0f} MiB over the second wave: {rss}"
+    quantiles = statistics.quantiles(latencies, n=100)
+    report = {
+        "requests_per_wave": LOAD_REQUESTS,
+        "waves": 2,
+        "latency_p50_s": round(statistics.median(latencies), 3),
+        "latency_p99_s": round(quantiles[98], 3),
+        "rss_mib": [round(r / 2**20) for r in rss],
+    }
+    print("load:", json.dumps(report))
+    out = os.environ.get("MODALITY_STEER_LOAD_JSON")
+    if out:
+        with open(out, "w") as handle:
+            json.dump(report, handle, indent=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Client faults: disconnects and aborts free their slots.
+# --------------------------------------------------------------------------------------------------
+
+
+def _long_body(model: str, sample: D.LoadedSample, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": D.openai_messages(sample),
+        "max_tokens": LONG_GENERATION,
+        "ignore_eos": True,
+        "modality_steer": {"follow": "image", "gain": 2.5},
+        **extra,
+    }
+
+
+def test_client_disconnecting_mid_stream_frees_its_slot(open_server, long_llava, serve_samples):
+    body = _long_body(str(long_llava), serve_samples[0], stream=True)
+    with socket.create_connection(("127.0.0.1", open_server.port), timeout=30) as sock:
+        payload = json.dumps(body).encode()
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        received = b""
+        while received.count(b"data: ") < 3:
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+        assert b"x-modality-steer: mode=image; gain=2.5" in received
+        held = worker_state(open_server)
+        assert sum(w["slots_in_use"] for w in held) == 1, held
+        sock.shutdown(socket.SHUT_RDWR)
+    state = wait_until_released(open_server)
+    assert all(w["slots_in_use"] == 0 and w["requests_tracked"] == 0 for w in state), state
+    assert_server_still_serves(open_server, str(long_llava), serve_samples[0])
+
+
+def _aborted_requests(server: Any) -> int:
+    """Requests vLLM says it aborted (its log: "Aborted request(s) id,id.")."""
+    log = server.log_path.read_text(errors="replace")
+    return sum(
+        len(line.partition("Aborted request(s) ")[2].rstrip(".").split(","))
+        for line in log.splitlines()
+        if "Aborted request(s) " in line
+    )
+
+
+def _send_raw(server: Any, path: str, body: dict[str, Any]) -> socket.socket:
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    return sock
+
+
+def test_aborted_requests_free_their_slots(open_server, long_llava):
+    """Non-streaming requests whose clients go away while they run are aborted by vLLM (its abort counter
+    says so); their slots go back."""
+    specs = ["text", {"follow": "text", "gain": 0}, {"heads": [[0, 0, 3.0]]}]
+    aborted_before = _aborted_requests(open_server)
+    sockets = [
+        _send_raw(
+            open_server,
+            "/v1/completions",
+            {
+                "model": str(long_llava),
+                "prompt": "USER: hi ASSISTANT:",
+                "max_tokens": LONG_GENERATION,
+                "ignore_eos": True,
+                "modality_steer": spec,
+            },
+        )
+        for spec in specs
+    ]
+    deadline = time.monotonic() + 10
+    held = worker_state(open_server)
+    while sum(w["requests_steered"] for w in held) < len(specs) and time.monotonic() < deadline:
+        held = worker_state(open_server)
+    for sock in sockets:
+        sock.close()
+    assert sum(w["requests_steered"] for w in held) == len(specs), held
+    assert sum(w["slots_in_use"] for w in held) == len(specs), held  # three distinct configurations
+    state = wait_until_released(open_server)
+    assert all(w["slots_in_use"] == 0 and w["requests_tracked"] == 0 for w in state), state
+    deadline = time.monotonic() + 10
+    while _aborted_requests(open_server) - aborted_before < len(specs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _aborted_requests(open_server) - aborted_before == len(specs)
+    assert open_server.healthy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Engine death: 5xx, then the server stops; it never serves again (steered or not).
+# --------------------------------------------------------------------------------------------------
+
+
+def _engine_core(server: Any) -> psutil.Process:
+    root = psutil.Process(server.process.pid)
+    for child in root.children(recursive=True):
+        if "EngineCor" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError(f"no EngineCore process under {root.pid}: {[c.name() for c in root.children(True)]}")
+
+
+def test_engine_death_gives_5xx_and_the_server_stops(closed_server, long_llava, serve_samples):
+    model = str(long_llava)
+    assert_server_still_serves(closed_server, model, serve_samples[0])
+    os.kill(_engine_core(closed_server).pid, signal.SIGKILL)
+    statuses: list[int | str] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        for steer in ("image", None):
+            body = base_body(model, ROUTES[0], serve_samples[0])
+            if steer:
+                body["modality_steer"] = steer
+            try:
+                statuses.append(post(closed_server, ROUTES[0], body, timeout=10)[0])
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+                statuses.append(type(exc).__name__)
+        if closed_server.process.poll() is not None:
+            break
+        time.sleep(1.0)
+    assert 200 not in statuses, statuses
+    assert any(isinstance(s, int) and s >= 500 for s in statuses) or closed_server.process.poll() is not None
+    assert closed_server.process.poll() is not None, f"the server kept running without an engine: {statuses}"
+    assert not closed_server.healthy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Malformed profiles stop startup, naming the problem; nothing is served.
+# --------------------------------------------------------------------------------------------------
+
+
+def _profile_text(model_dir: Any, tmp_path: Any, change: Any) -> str:
+    from helpers import write_profile
+
+    raw = json.loads(write_profile(model_dir, tmp_path / "valid.json").read_text())
+    return change(raw) if callable(change) else change
+
+
+BAD_PROFILES: list[tuple[str, Any, str]] = [
+    (
+        "missing modes",
+        lambda p: json.dumps({k: v for k, v in p.items() if k != "modes"}),
+        "modes: Field required",
+    ),
+    (
+        "missing model",
+        lambda p: json.dumps({k: v for k, v in p.items() if k != "model"}),
+        "model: Field required",
+    ),
+    (
+        "wrong format",
+        lambda p: json.dumps({**p, "format": "modality-steer.profile/v9"}),
+        "format: Input should be",
+    ),
+    (
+        "NaN score",
+        lambda p: json.dumps(p).replace('"score": 0.5', '"score": NaN'),
+        "NaN is not allowed in a profile",
+    ),
+    (
+        "head out of range",
+        lambda p: json.dumps(
+            {**p, "modes": {**p["modes"], "text": {"heads": [{"layer": 0, "head": 9, "score": 1}]}}}
+        ),
+        "layer 0 head 9 is outside the model (2 layers x 4 heads)",
+    ),
+    (
+        "negative gain",
+        lambda p: json.dumps({**p, "default_gain": -2}),
+        "default_gain: Input should be greater than",
+    ),
+    ("not JSON", "{this is not json", "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "needle"), BAD_PROFILES, ids=[row[0] for row in BAD_PROFILES])
+def test_malformed_profile_stops_serve_before_anything_starts(tiny_llava, tmp_path, case, change, needle):
+    import subprocess
+    import sys
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(_profile_text(tiny_llava, tmp_path, change))
+    done = subprocess.run(
+        [sys.executable, "-m", "steer_server.cli", "serve", str(tiny_llava), "--profile", str(profile)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0, case
+    assert needle in done.stderr and str(profile) in done.stderr, done.stderr[-2000:]
+
+
+def test_malformed_profile_stops_a_plain_vllm_launch(tiny_llava, tmp_path):
+    """The plugin's own check: `python -m vllm.entrypoints.openai.api_server` with MODALITY_STEER_PROFILE."""
+    import subprocess
+    import sys
+
+    from steer_server.engine import CPU_DEFAULT_ARGS, free_port
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(_profile_text(tiny_llava, tmp_path, BAD_PROFILES[3][1]))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MODALITY_STEER_PROFILE"] = str(profile)
+    port = free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_llava)]
+    done = subprocess.run(
+        [*command, "--port", str(port), *CPU_DEFAULT_ARGS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode != 0
+    assert "NaN is not allowed in a profile" in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
