@@ -394,15 +394,21 @@ def _long_body(model: str, sample: D.LoadedSample, **extra: Any) -> dict[str, An
     }
 
 
+def _send_raw(server: Any, path: str, body: dict[str, Any]) -> socket.socket:
+    """POST on a socket the test holds, so that it can go away while the request runs."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    return sock
+
+
 def test_client_disconnecting_mid_stream_frees_its_slot(open_server, long_llava, serve_samples):
     body = _long_body(str(long_llava), serve_samples[0], stream=True)
-    with socket.create_connection(("127.0.0.1", open_server.port), timeout=30) as sock:
-        payload = json.dumps(body).encode()
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
-            + payload
-        )
+    with _send_raw(open_server, "/v1/chat/completions", body) as sock:
         received = b""
         while received.count(b"data: ") < 3:
             chunk = sock.recv(4096)
@@ -425,17 +431,6 @@ def _aborted_requests(server: Any) -> int:
         for line in log.splitlines()
         if "Aborted request(s) " in line
     )
-
-
-def _send_raw(server: Any, path: str, body: dict[str, Any]) -> socket.socket:
-    payload = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    sock.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
-        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
-        + payload
-    )
-    return sock
 
 
 def test_aborted_requests_free_their_slots(open_server, long_llava):
