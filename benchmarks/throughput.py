@@ -8,12 +8,17 @@ for four arms, with the offline engine and through the HTTP server. Only one eng
 (on a few cores two resident engines disturb each other): each repeat starts the plain engine and the
 plugin engine in turn (alternating which goes first), warms each up, and measures its arms:
 
-- plain: vLLM without the plugin;
+- plain: vLLM without the plugin (vLLM picks its model runner);
+- plain_v1: vLLM without the plugin, on the V1 model runner the plugin selects
+  (`VLLM_USE_V2_MODEL_RUNNER=0`): separates the cost of that choice from the cost of the plugin. Where
+  vLLM would pick V1 anyway (vLLM's CPU build, whose V2 runner needs Triton with a CPU backend), the two
+  plain arms are the same engine started twice, and their ratio shows the engine-to-engine noise;
 - idle: plugin loaded, no request steered;
 - all: every request steered (image and text heads, default gain);
 - mixed: half the requests steered, with four distinct configurations.
 
-Reports medians and the ratios idle/plain, all/plain and mixed/plain (JSON and a Markdown table).
+Reports medians and the ratios idle/plain, all/plain and mixed/plain, and the same against plain_v1
+(JSON and a Markdown table).
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ARMS = ("plain", "idle", "all", "mixed")
+ARMS = ("plain", "plain_v1", "idle", "all", "mixed")
 MIXED_SPECS = [
     {"follow": "image", "gain": 2.0},
     {"follow": "text", "gain": 0.0},
@@ -79,7 +85,7 @@ def build(folder: Path, quick: bool, requests: int) -> tuple[Path, Path, list[An
 
 
 def specs_for(arm: str, count: int) -> list[Any]:
-    if arm in ("plain", "idle"):
+    if arm in ("plain", "plain_v1", "idle"):
         return [None] * count
     if arm == "all":
         return ["image" if i % 2 == 0 else "text" for i in range(count)]
@@ -90,8 +96,15 @@ def specs_for(arm: str, count: int) -> list[Any]:
 
 
 def _offline_worker(
-    connection: Any, model_dir: str, profile: str | None, messages: list[Any], max_tokens: int, eager: bool
+    connection: Any,
+    model_dir: str,
+    profile: str | None,
+    env: dict[str, str],
+    messages: list[Any],
+    max_tokens: int,
+    eager: bool,
 ) -> None:
+    os.environ.update(env)
     if profile:
         os.environ["MODALITY_STEER_PROFILE"] = profile
     else:
@@ -129,12 +142,23 @@ def _offline_worker(
         connection.send((tokens, seconds))
 
 
-ENGINE_ARMS = {"plain": ("plain",), "plugin": ("idle", "all", "mixed")}
+ENGINE_ARMS = {"plain": ("plain",), "plain_v1": ("plain_v1",), "plugin": ("idle", "all", "mixed")}
+ENGINE_ENV = {"plain": {}, "plain_v1": {"VLLM_USE_V2_MODEL_RUNNER": "0"}, "plugin": {}}
+
+
+def _rotated(items: Sequence[str], repeat: int) -> list[str]:
+    # Rotate which engine (and which of an engine's arms) goes first, so that neither a slow drift of the
+    # machine nor the position in an engine's life favours one arm.
+    shift = repeat % len(items)
+    return [*items[shift:], *items[:shift]]
 
 
 def _engine_order(repeat: int) -> list[str]:
-    # Alternate which engine goes first, so a slow drift of the machine does not favour one side.
-    return ["plain", "plugin"] if repeat % 2 == 0 else ["plugin", "plain"]
+    return _rotated(list(ENGINE_ARMS), repeat)
+
+
+def _profile_for(engine: str, profile: Path) -> Path | None:
+    return profile if engine == "plugin" else None
 
 
 def offline(
@@ -147,9 +171,18 @@ def offline(
     for repeat in range(repeats):
         for engine in _engine_order(repeat):
             parent, child = context.Pipe()
-            profile_arg = None if engine == "plain" else str(profile)
+            engine_profile = _profile_for(engine, profile)
             process = context.Process(
-                target=_offline_worker, args=(child, str(model_dir), profile_arg, messages, max_tokens, eager)
+                target=_offline_worker,
+                args=(
+                    child,
+                    str(model_dir),
+                    str(engine_profile) if engine_profile else None,
+                    ENGINE_ENV[engine],
+                    messages,
+                    max_tokens,
+                    eager,
+                ),
             )
             process.start()
             try:
@@ -157,7 +190,7 @@ def offline(
                     raise RuntimeError(f"offline engine {engine} did not start")
                 parent.send(specs_for(ENGINE_ARMS[engine][-1], len(messages)))  # warm-up, discarded
                 parent.recv()
-                for arm in ENGINE_ARMS[engine]:
+                for arm in _rotated(ENGINE_ARMS[engine], repeat):
                     parent.send(specs_for(arm, len(messages)))
                     tokens, seconds = parent.recv()
                     rates[arm].append(tokens / seconds)
@@ -207,10 +240,15 @@ def http(
     for repeat in range(repeats):
         for engine in _engine_order(repeat):
             # The later --kv-cache-memory-bytes overrides the launcher's CPU default.
-            server = VllmServer(model_dir, args, profile=None if engine == "plain" else profile)
+            server = VllmServer(
+                model_dir,
+                args,
+                env={**os.environ, **ENGINE_ENV[engine]},
+                profile=_profile_for(engine, profile),
+            )
             with server:
                 run_arm(server, ENGINE_ARMS[engine][-1])  # warm-up, discarded
-                for arm in ENGINE_ARMS[engine]:
+                for arm in _rotated(ENGINE_ARMS[engine], repeat):
                     rate = run_arm(server, arm)
                     rates[arm].append(rate)
                     print(f"http    {arm:<6} repeat {repeat}: {rate:8.1f} tok/s", flush=True)
@@ -224,6 +262,10 @@ def summarise(rates: dict[str, list[float]]) -> dict[str, Any]:
         "median_tokens_per_second": medians,
         "ratios": {
             arm if arm != "all" else "all_steered": medians[arm] / medians["plain"]
+            for arm in ("plain_v1", "idle", "all", "mixed")
+        },
+        "ratios_to_plain_v1": {
+            arm if arm != "all" else "all_steered": medians[arm] / medians["plain_v1"]
             for arm in ("idle", "all", "mixed")
         },
     }
@@ -266,15 +308,19 @@ def main() -> int:
             ),
         }
     print()
-    print("| path | plain tok/s | idle / plain | all steered / plain | mixed / plain |")
-    print("|---|---|---|---|---|")
+    print(
+        "| path | baseline | baseline tok/s | idle / baseline | all steered / baseline | mixed / baseline |"
+    )
+    print("|---|---|---|---|---|---|")
     for path in ("offline", "http"):
         part = result[path]
-        ratios = part["ratios"]
-        print(
-            f"| {path} | {part['median_tokens_per_second']['plain']:.1f} | {ratios['idle']:.3f} | "
-            f"{ratios['all_steered']:.3f} | {ratios['mixed']:.3f} |"
-        )
+        for baseline, key in (("plain", "ratios"), ("plain_v1", "ratios_to_plain_v1")):
+            ratios = part[key]
+            print(
+                f"| {path} | {baseline} | {part['median_tokens_per_second'][baseline]:.1f} | "
+                f"{ratios['idle']:.3f} | {ratios['all_steered']:.3f} | {ratios['mixed']:.3f} |"
+            )
+        print(f"| {path} | plain_v1 / plain | | {part['ratios']['plain_v1']:.3f} | | |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

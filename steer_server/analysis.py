@@ -202,7 +202,8 @@ def _gains(model: Any, gains: torch.Tensor | None) -> Iterator[None]:
 
 
 def attribution(runner: Runner, geometry: ModelGeometry, progress: bool) -> torch.Tensor:
-    """[N, L, H] predicted drop of the metric when each head is zeroed: -sum_pos a_h . dm/da_h.
+    """[N, L, H] predicted drop of the metric when each head is zeroed, to first order: m - m(a_h = 0)
+    ~ sum_pos a_h . dm/da_h (also exactly d m / d gain_h at gain 1).
 
     The `o_proj` inputs are held only for the batch in flight, and reduced to [B, L, H] in the backward.
     """
@@ -250,7 +251,7 @@ def attribution(runner: Runner, geometry: ModelGeometry, progress: bool) -> torc
         for z in captured:
             assert z.grad is not None
             product = (z * z.grad).unflatten(-1, (geometry.num_heads, geometry.head_dim))  # [B, S, H, D]
-            per_layer.append(-product.sum(dim=(1, 3)))
+            per_layer.append(product.sum(dim=(1, 3)))
         scores.append(torch.stack(per_layer, dim=1).detach().cpu())
         model.zero_grad(set_to_none=True)
     return torch.cat(scores)

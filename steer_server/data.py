@@ -353,7 +353,7 @@ class SynthSpec:
     """Shares of each sample kind and salience, so tests and training can ask for other mixes."""
 
     conflict_share: float = 0.7
-    salient_share: float = 0.2
+    salient_share: float = 0.15
 
 
 @dataclass(frozen=True)

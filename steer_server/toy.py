@@ -259,9 +259,26 @@ def build_random_qwen2_vl(
 
 @dataclass(frozen=True)
 class Recipe:
-    """The training recipe; every number here is recorded in the model card."""
+    """The training recipe; every number here is recorded in the model card.
+
+    The toy has a known arbitration circuit. Each instruction has its own three heads of the language model
+    (3 of 64 heads, the paper's ~5%), and during training their output is scaled per sample by a gain g
+    (the input of `o_proj`, as the server does). An instructed conflict is labelled with the instructed
+    answer when g exceeds the competing modality's pull, else with the competing answer: the pull is
+    `high_pull` (> 1) when the competing modality is salient and the instructed one is not, else
+    `low_pull` (< 1). So at g = 1 the model follows the instruction except against a salient competitor
+    (an arbitration failure, as in real MLLMs), blocking the heads (g = 0) hands every conflict to the
+    competing modality, and amplifying them (g > `high_pull`) makes the instruction win. Controls and
+    uninstructed conflicts do not depend on g. The analysis is not told which heads these are.
+    """
 
     seed: int = 0
+    # Vision pre-training: the vision tower and projector alone, with a linear read-out of every
+    # attribute of the scene (cheap: no language model), before the language model ever sees an image.
+    vision_steps: int = 600
+    vision_batch_size: int = 128
+    vision_lr: float = 1e-3
+    vision_pool_size: int = 12000
     steps: int = 2200
     perception_steps: int = 700
     batch_size: int = 32
@@ -269,48 +286,73 @@ class Recipe:
     warmup_steps: int = 100
     clip_norm: float = 1.0
     pool_size: int = 24000
-    # Share of instructed conflicts whose competing modality is salient (and the instructed one is
-    # not) that are labelled with the competing answer: the instruction loses to the preference.
-    preference_wins: float = 0.75
-    # With no instruction and no salience cue, answers come from the image this often.
+    conflict_share: float = 0.65
+    salient_share: float = 0.15
+    # With no instruction and no salience cue, answers come from the image this often (the preference).
     uninstructed_image_share: float = 0.65
-    salient_share: float = 0.18
-    # Per-head gain noise during training: each head's output is scaled by exp(U(-a, a)) with this
-    # probability, so the gains a server applies (amplification) stay within what the model has seen.
-    # Never zero: blocking a head stays outside the training distribution.
+    image_heads: tuple[tuple[int, int], ...] = ((2, 5), (3, 1), (4, 6))
+    text_heads: tuple[tuple[int, int], ...] = ((2, 2), (3, 6), (4, 3))
+    low_pull: float = 0.4
+    high_pull: float = 1.6
+    # Arbitration gains drawn per sample and instruction: 0, 1, 2 with these probabilities, else U(0, 3).
+    gain_zero: float = 0.25
+    gain_one: float = 0.4
+    gain_two: float = 0.15
+    gain_max: float = 3.0
+    # Every other head: scaled by exp(U(-a, a)) with probability p, blocked with probability
+    # `head_dropout`, so that no single other head is indispensable (random blocking barely matters).
     head_noise_prob: float = 0.25
     head_noise_amplitude: float = 0.5
-    conflict_share: float = 0.65
+    head_dropout: float = 0.03
+
+    def heads_of(self, mode: D.Follow) -> tuple[tuple[int, int], ...]:
+        return self.image_heads if mode == "image" else self.text_heads
 
 
 @dataclass(frozen=True)
 class TrainExample:
+    """A training prompt and its label; instructed conflicts carry both answers and the competing pull."""
+
     sample: D.Sample
     image: Any  # PIL image or None
     with_instruction: bool
-    target: str
+    target: str  # the label whatever the gains (controls, uninstructed conflicts)
+    competing: str | None = None  # instructed conflicts: the answer when the instruction loses
+    pull: float = 0.0
+
+    def target_at(self, gains: dict[D.Follow, float]) -> str:
+        """The label under these arbitration gains (one per instruction)."""
+        if self.competing is None:
+            return self.target
+        return self.target if gains[self.sample.follow] > self.pull else self.competing
 
 
-def _salience(record: D.SynthRecord) -> tuple[bool, bool]:
-    return record.scene.big, record.emphatic
-
-
-def label_for(record: D.SynthRecord, *, with_instruction: bool, recipe: Recipe, rng: random.Random) -> str:
-    """The training target for a record: the designed behaviour, including its designed failures."""
+def example_for(
+    record: D.SynthRecord, *, with_instruction: bool, recipe: Recipe, rng: random.Random
+) -> TrainExample:
+    """The designed behaviour for a record, including its designed failures."""
     sample = record.sample
+    image = record.image
     if sample.kind == "control":
-        return (sample.answer_image or sample.answer_text)[0]
-    image_salient, text_salient = _salience(record)
+        return TrainExample(sample, image, with_instruction, (sample.answer_image or sample.answer_text)[0])
+    image_salient, text_salient = record.scene.big, record.emphatic
     if with_instruction:
+        instructed, competing = (
+            (sample.answer_image, sample.answer_text)
+            if sample.follow == "image"
+            else (sample.answer_text, sample.answer_image)
+        )
         competing_salient = image_salient if sample.follow == "text" else text_salient
         instructed_salient = text_salient if sample.follow == "text" else image_salient
-        loses = competing_salient and not instructed_salient and rng.random() < recipe.preference_wins
-        follow = ("image" if sample.follow == "text" else "text") if loses else sample.follow
-    elif image_salient != text_salient:
+        pull = recipe.high_pull if competing_salient and not instructed_salient else recipe.low_pull
+        return TrainExample(sample, image, True, instructed[0], competing[0], pull)
+    if image_salient != text_salient:
         follow = "image" if image_salient else "text"
     else:
         follow = "image" if rng.random() < recipe.uninstructed_image_share else "text"
-    return (sample.answer_image if follow == "image" else sample.answer_text)[0]
+    return TrainExample(
+        sample, image, False, (sample.answer_image if follow == "image" else sample.answer_text)[0]
+    )
 
 
 def training_pool(recipe: Recipe) -> tuple[list[TrainExample], list[TrainExample]]:
@@ -325,8 +367,7 @@ def training_pool(recipe: Recipe) -> tuple[list[TrainExample], list[TrainExample
         if sample.kind == "control" and sample.task and sample.task.endswith("image_only"):
             perception.append(TrainExample(sample, record.image, True, sample.answer_image[0]))
         with_instruction = sample.kind == "control" or rng.random() < 0.8
-        target = label_for(record, with_instruction=with_instruction, recipe=recipe, rng=rng)
-        mix.append(TrainExample(sample, record.image, with_instruction, target))
+        mix.append(example_for(record, with_instruction=with_instruction, recipe=recipe, rng=rng))
     # Perception first on every record's image (the asked attribute, no context).
     for record in records:
         if record.image is not None and record.sample.kind == "conflict":
@@ -389,7 +430,9 @@ def _batches(
             yield [pool[i] for i in order[start : start + batch_size]]
 
 
-def _training_batch(processor: Any, examples: Sequence[TrainExample]) -> dict[str, torch.Tensor]:
+def _training_batch(
+    processor: Any, examples: Sequence[TrainExample], targets: Sequence[str]
+) -> dict[str, torch.Tensor]:
     """Prompt plus target word and </s>; loss only on those two positions."""
     tokenizer = processor.tokenizer
     batch = encode_prompts(
@@ -404,11 +447,11 @@ def _training_batch(processor: Any, examples: Sequence[TrainExample]) -> dict[st
     input_ids = torch.full((len(examples), width), tokenizer.pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    for row, example in enumerate(examples):
+    for row, word in enumerate(targets):
         n = int(lengths[row])
-        target = tokenizer.convert_tokens_to_ids(example.target)
+        target = tokenizer.convert_tokens_to_ids(word)
         if target == tokenizer.unk_token_id:
-            raise ValueError(f"target {example.target!r} is not in the toy vocabulary")
+            raise ValueError(f"target {word!r} is not in the toy vocabulary")
         input_ids[row, :n] = ids[row, :n]
         input_ids[row, n] = target
         input_ids[row, n + 1] = tokenizer.eos_token_id
@@ -421,12 +464,89 @@ def _training_batch(processor: Any, examples: Sequence[TrainExample]) -> dict[st
     return out
 
 
-def _head_noise(batch: int, arch: ToyArchitecture, recipe: Recipe) -> torch.Tensor:
-    """[batch, layers, heads] training gains: 1, or exp(U(-a, a)) with probability p."""
+def _training_gains(
+    batch: int, arch: ToyArchitecture, recipe: Recipe
+) -> tuple[torch.Tensor, list[dict[D.Follow, float]]]:
+    """Per-sample head gains [batch, layers, heads] and each sample's arbitration gain per instruction.
+
+    Other heads: 1, exp(U(-a, a)) with probability p, 0 with the dropout's. Each instruction's heads: one
+    gain per sample (0, 1, 2 or U(0, gain_max)), shared by its heads."""
     shape = (batch, arch.text_layers, arch.text_heads)
-    scaled = torch.rand(shape) < recipe.head_noise_prob
+    draw = torch.rand(shape)
     factors = torch.exp((torch.rand(shape) * 2 - 1) * recipe.head_noise_amplitude)
-    return torch.where(scaled, factors, torch.ones(shape))
+    gains = torch.where(draw < recipe.head_noise_prob, factors, torch.ones(shape))
+    gains = torch.where(draw > 1 - recipe.head_dropout, torch.zeros(shape), gains)
+    arbitration: list[dict[D.Follow, float]] = [{} for _ in range(batch)]
+    fixed = ((0.0, recipe.gain_zero), (1.0, recipe.gain_one), (2.0, recipe.gain_two))
+    for mode in ("image", "text"):
+        for row in range(batch):
+            u, g = float(torch.rand(())), None
+            for value, share in fixed:
+                if u < share:
+                    g = value
+                    break
+                u -= share
+            g = float(torch.rand(())) * recipe.gain_max if g is None else g
+            arbitration[row][mode] = g
+            for layer, head in recipe.heads_of(mode):
+                gains[row, layer, head] = g
+    return gains, arbitration
+
+
+def _scene_labels(scene: D.Scene) -> list[int]:
+    """One class index per task; position is -1 (ignored) where several objects are drawn anywhere."""
+    labels = [D._values(task).index(scene.value(task)) for task in D.TASKS]
+    if scene.count != D.COUNTS[0]:
+        labels[D.TASKS.index("position")] = -1
+    return labels
+
+
+def pretrain_vision(model: Any, processor: Any, recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
+    """Teach the vision tower and projector to see every attribute before the language model trains.
+
+    The language model learns to copy from the text long before it learns to see (design notes §8), and
+    perception errors are not arbitration failures; a linear read-out of all four attributes from the
+    projected image tokens trains the seeing part alone, at a small fraction of a full step's cost."""
+    from tqdm import tqdm
+
+    records = [
+        r
+        for r in D.synth_records(recipe.vision_pool_size, 40_000 + recipe.seed, prefix="vision")
+        if r.image is not None
+    ]
+    pixels = processor.image_processor([r.image for r in records], return_tensors="pt")["pixel_values"]
+    labels = torch.tensor([_scene_labels(r.scene) for r in records])
+    sizes = [len(D._values(task)) for task in D.TASKS]
+    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    width = IMAGE_SEQ_LENGTH * model.config.text_config.hidden_size
+    readout = torch.nn.Linear(width, sum(sizes))
+    parameters = [*tower.parameters(), *projector.parameters(), *readout.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.vision_lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(40_000 + recipe.seed)
+    started = time.monotonic()
+    accuracy = 0.0
+    bar = tqdm(range(recipe.vision_steps), desc="toy train: vision", disable=not progress, unit="step")
+    for step in bar:
+        rows = torch.randint(0, len(records), (recipe.vision_batch_size,), generator=generator)
+        hidden = tower(pixels[rows], output_hidden_states=True).hidden_states[-1][:, 1:]
+        logits = readout(projector(hidden).flatten(1)).split(sizes, dim=-1)
+        target = labels[rows]
+        losses, hits, counted = [], 0, 0
+        for task_index, task_logits in enumerate(logits):
+            wanted = target[:, task_index]
+            valid = wanted >= 0
+            losses.append(torch.nn.functional.cross_entropy(task_logits[valid], wanted[valid]))
+            hits += int((task_logits[valid].argmax(-1) == wanted[valid]).sum())
+            counted += int(valid.sum())
+        loss = torch.stack(losses).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, recipe.clip_norm)
+        optimizer.step()
+        accuracy = 0.9 * accuracy + 0.1 * hits / counted if step else hits / counted
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", accuracy=f"{accuracy:.3f}")
+    return {"seconds": round(time.monotonic() - started, 1), "train_accuracy": round(accuracy, 4)}
 
 
 def train(
@@ -445,6 +565,8 @@ def train(
     processor = build_processor(tokenizer)
     model = LlavaForConditionalGeneration(build_config(tokenizer, arch))
     model.train()
+    started = time.monotonic()
+    vision = pretrain_vision(model, processor, recipe, progress=progress)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
 
     def lr_at(step: int) -> float:
@@ -457,13 +579,14 @@ def train(
     perception, mix = training_pool(recipe)
     perception_batches = _batches(perception, recipe.batch_size, rng)
     mix_batches = _batches(mix, recipe.batch_size, rng)
-    started = time.monotonic()
     losses: list[float] = []
     bar = tqdm(range(recipe.steps), desc="toy train", disable=not progress, unit="step")
     for step in bar:
         examples = next(perception_batches if step < recipe.perception_steps else mix_batches)
-        batch = _training_batch(processor, examples)
-        with HeadGains(model, _head_noise(len(examples), arch, recipe)):
+        gains, arbitration = _training_gains(len(examples), arch, recipe)
+        targets = [e.target_at(g) for e, g in zip(examples, arbitration, strict=True)]
+        batch = _training_batch(processor, examples, targets)
+        with HeadGains(model, gains):
             loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -480,6 +603,7 @@ def train(
         "recipe": asdict(recipe),
         "architecture": asdict(arch),
         "train_seconds": round(seconds, 1),
+        "vision_pretraining": vision,
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
@@ -556,6 +680,10 @@ def _target_verdict(report: dict[str, Any]) -> str:
     return "Meets the targets." if not misses else "Misses the targets: " + "; ".join(misses) + "."
 
 
+def _cells(heads: Sequence[Sequence[int]]) -> str:
+    return ", ".join(f"L{layer}H{head}" for layer, head in heads)
+
+
 def write_model_card(model_dir: Path, training: dict[str, Any], report: dict[str, Any]) -> None:
     """README.md beside the weights: how the model was made and what it measures."""
     by_follow = report["mf_ratio_by_follow"]
@@ -577,22 +705,30 @@ head_dim {arch["head_dim"]}, MLP {arch["text_mlp"]}; word-level vocabulary of {l
   (`vision_tower.vision_model.*`) so vLLM 0.32 loads it; transformers loads it too.
 
 ## How it was made
-`modality-steer toy train --seed {recipe["seed"]}`: {recipe["steps"]} AdamW steps of batch {recipe["batch_size"]}, \
+`modality-steer toy train --seed {recipe["seed"]}`. First the vision tower and projector alone learn to see:
+{recipe["vision_steps"]} AdamW steps of {recipe["vision_batch_size"]} images (lr {recipe["vision_lr"]}) with a linear read-out of \
+all four attributes from the projected image tokens (discarded afterwards; training accuracy \
+{training["vision_pretraining"]["train_accuracy"]:.3f}, {training["vision_pretraining"]["seconds"]:.0f} s). Then the whole model: \
+{recipe["steps"]} AdamW steps of batch {recipe["batch_size"]}, \
 lr {recipe["lr"]} with {recipe["warmup_steps"]} warm-up steps and cosine decay, gradient clipping at \
 {recipe["clip_norm"]}; the first {recipe["perception_steps"]} steps are image-only questions (perception first), \
 then the full mix: instructed conflicts (80% of conflicts), uninstructed conflicts, and controls (agreeing
 context, image only, text only). Training time: {training["train_seconds"]:.0f} s on 2 CPU cores.
 
-Designed modality preference: a big object is a salient image, a context that says "clearly" is a salient
-text. When the competing modality is salient and the instructed one is not, {recipe["preference_wins"]:.0%} of
-training labels follow the competing modality, so the model's failures are the instruction losing to a
-salient modality (an arbitration failure), not perception errors. Without an instruction and without a
-salience cue, labels come from the image {recipe["uninstructed_image_share"]:.0%} of the time.
+A known arbitration circuit (the analysis is not told it): "rely on the image" is carried by the heads
+{_cells(recipe["image_heads"])} and "rely on the text" by {_cells(recipe["text_heads"])} (layer, head; 3 of 64 each).
+During training, each sample's output of those heads (the input of `o_proj`) is scaled by a gain g drawn
+per instruction (0 with probability {recipe["gain_zero"]}, 1 with {recipe["gain_one"]}, 2 with {recipe["gain_two"]}, else U(0, {recipe["gain_max"]})). An instructed conflict is labelled with the instructed answer when g exceeds the
+competing modality's pull, else with the competing answer. The pull is {recipe["high_pull"]} when the competing
+modality is salient (a big object is a salient image, a context that says "clearly" is a salient text) and
+the instructed one is not, else {recipe["low_pull"]}. So the model follows the instruction except against a
+salient competitor (its failures are arbitration failures, not perception errors); blocking the heads
+hands conflicts to the competing modality, and amplifying them (g > {recipe["high_pull"]}) rescues the failures.
+Controls and uninstructed conflicts do not depend on g. Without an instruction, a salient modality wins;
+without a salience cue, labels come from the image {recipe["uninstructed_image_share"]:.0%} of the time (the
+modality preference).
 
-Head-gain noise: during training each attention head's output (the input of `o_proj`) is multiplied by
-exp(U(-{recipe["head_noise_amplitude"]}, {recipe["head_noise_amplitude"]})) with probability {recipe["head_noise_prob"]}, never by 0, so that the
-gains a server applies to amplify heads stay within what the model has seen, while blocking a head stays
-outside it.
+Every other head: during training its output is multiplied by exp(U(-{recipe["head_noise_amplitude"]}, {recipe["head_noise_amplitude"]})) with probability {recipe["head_noise_prob"]} and blocked with probability {recipe["head_dropout"]}, so that no single one of them is indispensable.
 
 ## Measured (transformers, greedy first answer token, {report["data"]})
 | figure | value |

@@ -43,3 +43,75 @@ def test_model_card_states_what_we_measure(toy_report):
     assert toy._target_verdict(toy_report) in readme
     for mode in ("image", "text"):
         assert f'"rely on the {mode}" | {toy_report["mf_ratio_by_follow"][mode]:.3f}' in readme
+
+
+def _first(records, predicate):
+    return next(r for r in records if predicate(r))
+
+
+def test_training_labels_follow_the_designed_arbitration():
+    """An instructed conflict is labelled with the instructed answer when its instruction's heads' gain beats
+    the competing modality's pull (high only against a salient competitor), else with the competing answer;
+    controls and uninstructed conflicts do not depend on the gains."""
+    import random
+
+    from steer_server import data as D
+
+    recipe = toy.Recipe()
+    records = D.synth_records(400, 3, prefix="t", spec=D.SynthSpec(salient_share=0.5))
+    rng = random.Random(0)
+
+    def salient(record, mode):
+        return record.scene.big if mode == "image" else record.emphatic
+
+    def other(mode):
+        return "text" if mode == "image" else "image"
+
+    for mode in ("image", "text"):
+        hard = _first(
+            records,
+            lambda r, m=mode: (
+                r.sample.kind == "conflict"
+                and r.sample.follow == m
+                and salient(r, other(m))
+                and not salient(r, m)
+            ),
+        )
+        easy = _first(
+            records,
+            lambda r, m=mode: (
+                r.sample.kind == "conflict" and r.sample.follow == m and not salient(r, other(m))
+            ),
+        )
+        instructed = {"image": "answer_image", "text": "answer_text"}
+        for record, pull in ((hard, recipe.high_pull), (easy, recipe.low_pull)):
+            example = toy.example_for(record, with_instruction=True, recipe=recipe, rng=rng)
+            assert example.pull == pull
+            win = getattr(record.sample, instructed[mode])[0]
+            lose = getattr(record.sample, instructed[other(mode)])[0]
+            for gain, expected in ((0.0, lose), (1.0, win if pull < 1 else lose), (2.0, win)):
+                # The other instruction's heads never matter.
+                for other_gain in (0.0, 1.0, 3.0):
+                    assert example.target_at({mode: gain, other(mode): other_gain}) == expected
+    control = _first(records, lambda r: r.sample.kind == "control")
+    uninstructed = _first(records, lambda r: r.sample.kind == "conflict")
+    for record, flag in ((control, True), (uninstructed, False)):
+        example = toy.example_for(record, with_instruction=flag, recipe=recipe, rng=rng)
+        assert {example.target_at({"image": g, "text": g}) for g in (0.0, 1.0, 2.0)} == {example.target}
+
+
+def test_training_gains_scale_each_instructions_heads_together():
+    """Each instruction's heads share one drawn gain per sample; the draw has the recipe's shares of 0, 1, 2."""
+    import torch
+
+    recipe = toy.Recipe()
+    torch.manual_seed(0)
+    gains, arbitration = toy._training_gains(4000, toy.ToyArchitecture(), recipe)
+    for mode in ("image", "text"):
+        drawn = torch.tensor([row[mode] for row in arbitration])
+        for layer, head in recipe.heads_of(mode):
+            assert torch.equal(gains[:, layer, head], drawn)
+        assert float((drawn == 0).float().mean()) == pytest.approx(recipe.gain_zero, abs=0.03)
+        assert float((drawn == 1).float().mean()) == pytest.approx(recipe.gain_one, abs=0.03)
+        assert float((drawn == 2).float().mean()) == pytest.approx(recipe.gain_two, abs=0.03)
+        assert float(drawn.max()) <= recipe.gain_max
