@@ -4,9 +4,9 @@
 
 Builds a random-weight LLaVA-architecture bench model (language model of about 150 M parameters), a
 profile for it (5% of heads per mode), and prompts with images; then measures output tokens per second
-for four arms, with the offline engine and through the HTTP server. Only one engine is alive at a time
-(on a few cores two resident engines disturb each other): each repeat starts the plain engine and the
-plugin engine in turn (alternating which goes first), warms each up, and measures its arms:
+for five arms, with the offline engine and through the HTTP server. Only one engine is alive at a time
+(on a few cores two resident engines disturb each other): each repeat starts the two plain engines
+and the plugin engine in turn (rotating which goes first), warms each up, and measures its arms:
 
 - plain: vLLM without the plugin (vLLM picks its model runner);
 - plain_v1: vLLM without the plugin, on the V1 model runner the plugin selects
@@ -104,6 +104,7 @@ def _offline_worker(
     max_tokens: int,
     eager: bool,
 ) -> None:
+    os.environ.pop(RUNNER_ENV, None)
     os.environ.update(env)
     if profile:
         os.environ["MODALITY_STEER_PROFILE"] = profile
@@ -143,7 +144,9 @@ def _offline_worker(
 
 
 ENGINE_ARMS = {"plain": ("plain",), "plain_v1": ("plain_v1",), "plugin": ("idle", "all", "mixed")}
-ENGINE_ENV = {"plain": {}, "plain_v1": {"VLLM_USE_V2_MODEL_RUNNER": "0"}, "plugin": {}}
+RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+# Only plain_v1 names a runner; the others never inherit the caller's choice.
+ENGINE_ENV: dict[str, dict[str, str]] = {"plain": {}, "plain_v1": {RUNNER_ENV: "0"}, "plugin": {}}
 
 
 def _rotated(items: Sequence[str], repeat: int) -> list[str]:
@@ -194,7 +197,7 @@ def offline(
                     parent.send(specs_for(arm, len(messages)))
                     tokens, seconds = parent.recv()
                     rates[arm].append(tokens / seconds)
-                    print(f"offline {arm:<6} repeat {repeat}: {tokens / seconds:8.1f} tok/s", flush=True)
+                    print(f"offline {arm:<8} repeat {repeat}: {tokens / seconds:8.1f} tok/s", flush=True)
             finally:
                 parent.send(None)
                 process.join(timeout=120)
@@ -243,7 +246,7 @@ def http(
             server = VllmServer(
                 model_dir,
                 args,
-                env={**os.environ, **ENGINE_ENV[engine]},
+                env={**{k: v for k, v in os.environ.items() if k != RUNNER_ENV}, **ENGINE_ENV[engine]},
                 profile=_profile_for(engine, profile),
             )
             with server:
@@ -251,7 +254,7 @@ def http(
                 for arm in _rotated(ENGINE_ARMS[engine], repeat):
                     rate = run_arm(server, arm)
                     rates[arm].append(rate)
-                    print(f"http    {arm:<6} repeat {repeat}: {rate:8.1f} tok/s", flush=True)
+                    print(f"http    {arm:<8} repeat {repeat}: {rate:8.1f} tok/s", flush=True)
     return rates
 
 

@@ -713,10 +713,12 @@ all four attributes from the projected image tokens (discarded afterwards; train
 lr {recipe["lr"]} with {recipe["warmup_steps"]} warm-up steps and cosine decay, gradient clipping at \
 {recipe["clip_norm"]}; the first {recipe["perception_steps"]} steps are image-only questions (perception first), \
 then the full mix: instructed conflicts (80% of conflicts), uninstructed conflicts, and controls (agreeing
-context, image only, text only). Training time: {training["train_seconds"]:.0f} s on 2 CPU cores.
+context, image only, text only). Training time: {training["train_seconds"]:.0f} s on 2 CPU cores in all (data
+generation and vision pre-training included).
 
 A known arbitration circuit (the analysis is not told it): "rely on the image" is carried by the heads
-{_cells(recipe["image_heads"])} and "rely on the text" by {_cells(recipe["text_heads"])} (layer, head; 3 of 64 each).
+{_cells(recipe["image_heads"])} and "rely on the text" by {_cells(recipe["text_heads"])} (layer, head; \
+{len(recipe["image_heads"])} of {arch["text_layers"] * arch["text_heads"]} each).
 During training, each sample's output of those heads (the input of `o_proj`) is scaled by a gain g drawn
 per instruction (0 with probability {recipe["gain_zero"]}, 1 with {recipe["gain_one"]}, 2 with {recipe["gain_two"]}, else U(0, {recipe["gain_max"]})). An instructed conflict is labelled with the instructed answer when g exceeds the
 competing modality's pull, else with the competing answer. The pull is {recipe["high_pull"]} when the competing

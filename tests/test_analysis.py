@@ -115,8 +115,10 @@ def test_attribution_is_the_metrics_derivative_in_each_heads_gain(tiny_llava, sm
         up = runner.score(_gain_table(geometry, [(layer, head)], 1 + eps)).metric
         down = runner.score(_gain_table(geometry, [(layer, head)], 1 - eps)).metric
         derivative = (up - down) / (2 * eps)
-        assert derivative.abs().max() > 1e-3, "the check needs heads that matter"
         torch.testing.assert_close(scores[:, layer, head], derivative, atol=2e-3, rtol=2e-2)
+        clear = derivative.abs() > 2e-2  # well above the tolerance: the sign is tested there
+        assert clear.any(), "the check needs heads that matter"
+        assert torch.equal(scores[clear, layer, head].sign(), derivative[clear].sign())
 
 
 def test_metric_pools_surface_forms_and_judges_greedy():
