@@ -29,6 +29,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports pyproject.toml
 
 format: venv
 	$(BIN)/ruff format .
@@ -51,7 +52,7 @@ bench: venv
 # heads are selected on the validation split and validated on the test split.
 toy-profile: venv
 	$(BIN)/modality-steer data synth --out build/toydata --n 6000 --seed 0
-	$(BIN)/modality-steer analyze steer_server/toy_model --data build/toydata/validation.jsonl \
+	$(BIN)/modality-steer analyze steer_server/toy/checkpoint --data build/toydata/validation.jsonl \
 		--eval-data build/toydata/test.jsonl --out profiles/toy-llava.json --plots profiles
 
 clean:

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
 from steer_server.kernels.head_scale import head_scale_torch_, head_scale_triton_
 
 DECODE_TOKENS = (1, 8, 32, 64, 128, 256)

@@ -1,7 +1,9 @@
 """What modality-steer knows about each supported architecture, in one table.
 
-Everything architecture-specific (where the language model's decoder layers are, which module's input is
-the per-head attention output, where the text config is) lives here and nowhere else.
+Everything architecture-specific on the transformers side (where the language model's decoder layers
+are, which module's input is the per-head attention output, where the text config and the image token
+are) lives here and nowhere else. The serving side needs none of it: vLLM names every family's decoder
+attention `...layers.N.self_attn.attn` (see :mod:`steer_server.serving.worker`).
 """
 
 from __future__ import annotations
@@ -10,17 +12,26 @@ from dataclasses import dataclass
 from functools import reduce
 from typing import Any
 
+from .geometry import ModelGeometry
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    # Attribute path from the transformers model object to the language model's decoder layers.
+    """Attribute paths into a transformers model of one architecture.
+
+    Attributes:
+        layers_path: from the model object to the language model's decoder layers (a ModuleList).
+        attention_path: from a decoder layer to its self-attention module.
+        o_proj_path: from the self-attention module to the output projection; its input is the
+            concatenation of the heads' outputs ``[..., heads * head_dim]`` (TransformerLens's `hook_z`).
+        text_config_attr: attribute of the model config holding the language model's config.
+        image_token_attr: attribute of the model config with the image placeholder token's id.
+    """
+
     layers_path: str
-    # Attribute path from a decoder layer to the attention output projection; its input is the
-    # concatenation of the heads' outputs ([..., heads * head_dim]), TransformerLens's `hook_z`.
-    o_proj_path: str = "self_attn.o_proj"
-    # Attribute of the model config that holds the language model's config.
+    attention_path: str = "self_attn"
+    o_proj_path: str = "o_proj"
     text_config_attr: str = "text_config"
-    # Attribute of the model config with the id of the image placeholder token.
     image_token_attr: str = "image_token_id"
 
 
@@ -36,20 +47,15 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
 
 
 class UnsupportedArchitectureError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class ModelGeometry:
-    """The language model's attention geometry, in global (unsharded) terms, as profiles record it."""
-
-    architecture: str
-    num_layers: int
-    num_heads: int
-    head_dim: int
+    """A model whose architecture is not in :data:`ARCHITECTURES`; the message lists the supported ones."""
 
 
 def architecture_of(config: Any) -> tuple[str, ArchitectureSpec]:
+    """The first of `config.architectures` found in the table, and its spec.
+
+    Raises:
+        UnsupportedArchitectureError: none of them is in the table.
+    """
     names = list(getattr(config, "architectures", None) or [])
     for name in names:
         if name in ARCHITECTURES:
@@ -60,6 +66,12 @@ def architecture_of(config: Any) -> tuple[str, ArchitectureSpec]:
 
 
 def geometry_of(config: Any) -> ModelGeometry:
+    """The language model's geometry read from a transformers config (`head_dim` from the text config,
+    else `hidden_size // num_attention_heads`).
+
+    Raises:
+        UnsupportedArchitectureError: the architecture is not in the table.
+    """
     name, spec = architecture_of(config)
     text = getattr(config, spec.text_config_attr)
     heads = int(text.num_attention_heads)
@@ -70,6 +82,11 @@ def geometry_of(config: Any) -> ModelGeometry:
 
 
 def image_token_id(config: Any) -> int:
+    """The id of the image placeholder token.
+
+    Raises:
+        UnsupportedArchitectureError: unsupported architecture, or the config has no such attribute.
+    """
     _, spec = architecture_of(config)
     value = getattr(config, spec.image_token_attr, None)
     if value is None:
@@ -83,8 +100,13 @@ def _attr_path(root: Any, path: str) -> Any:
     return reduce(getattr, path.split("."), root)
 
 
-def o_proj_modules(model: Any) -> list[Any]:
-    """The language model's `o_proj` modules, by layer index."""
+def attention_modules(model: Any) -> list[Any]:
+    """The language model's self-attention modules, by layer index."""
     _, spec = architecture_of(model.config)
-    layers = _attr_path(model, spec.layers_path)
-    return [_attr_path(layer, spec.o_proj_path) for layer in layers]
+    return [_attr_path(layer, spec.attention_path) for layer in _attr_path(model, spec.layers_path)]
+
+
+def o_proj_modules(model: Any) -> list[Any]:
+    """The language model's attention output projections, by layer index: their input is `hook_z`."""
+    _, spec = architecture_of(model.config)
+    return [_attr_path(attention, spec.o_proj_path) for attention in attention_modules(model)]

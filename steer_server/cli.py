@@ -9,8 +9,6 @@ from typing import Annotated, Any
 
 import typer
 
-from . import data as D
-
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -47,12 +45,15 @@ def data_synth(
     seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same files.")] = 0,
 ) -> None:
     """Generate synthetic coloured-shape conflict data with controls."""
+    from .data.schema import DataError, load_samples
+    from .data.synth import synth_dataset
+
     try:
-        paths = D.synth_dataset(out, n, seed)
-    except D.DataError as exc:
+        paths = synth_dataset(out, n, seed)
+    except DataError as exc:
         _fail(str(exc))
     for split, path in paths.items():
-        typer.echo(f"{split:<10} {len(D.load_samples(path))} samples  {path}")
+        typer.echo(f"{split:<10} {len(load_samples(path))} samples  {path}")
 
 
 @data_app.command("import-mf")
@@ -65,9 +66,12 @@ def data_import_mf(
     ] = False,
 ) -> None:
     """Convert the paper's released file into the project's JSONL format."""
+    from .data.importer import import_mf
+    from .data.schema import DataError
+
     try:
-        report = D.import_mf(file, images, out, skip_missing=skip_missing)
-    except D.DataError as exc:
+        report = import_mf(file, images, out, skip_missing=skip_missing)
+    except DataError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {report.written} of {report.total} samples to {out}")
     if report.missing_images:
@@ -91,16 +95,17 @@ def toy_train(
 
     import torch
 
-    from . import toy
+    from .toy.card import evaluate, write_model_card
+    from .toy.training import Recipe, train
 
     torch.set_num_threads(threads)
-    recipe = toy.Recipe(seed=seed)
+    recipe = Recipe(seed=seed)
     if steps is not None:
         recipe = dataclasses.replace(recipe, steps=steps)
-    info = toy.train(out, recipe)
+    info = train(out, recipe)
     typer.echo(f"trained in {info['train_seconds']} s, final loss {info['final_loss']:.4f}")
-    report = toy.evaluate(out, progress=True)
-    toy.write_model_card(out, info, report)
+    report = evaluate(out, progress=True)
+    write_model_card(out, info, report)
     typer.echo(json.dumps(report, indent=2))
 
 
@@ -113,9 +118,10 @@ def toy_eval(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here as JSON.")] = None,
 ) -> None:
     """Measure MF ratio per instruction, control accuracy and the uninstructed preference with transformers."""
-    from . import toy
+    from .toy.card import evaluate
+    from .toy.model import toy_model_dir
 
-    report = toy.evaluate(model or toy.toy_model_dir(), data=data, progress=True)
+    report = evaluate(model or toy_model_dir(), data=data, progress=True)
     text = json.dumps(report, indent=2)
     typer.echo(text)
     if json_out:
@@ -143,10 +149,12 @@ def analyze(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Find the heads that arbitrate between image and text; validate them; write a profile."""
-    from .analysis import AnalysisConfig, AnalysisError, write_outputs
-    from .analysis import analyze as run_analysis
+    from .analysis.config import AnalysisConfig, AnalysisError
+    from .analysis.pipeline import analyze as run_analysis
+    from .analysis.pipeline import write_outputs
     from .architectures import UnsupportedArchitectureError
-    from .hf import ModelLoadError
+    from .data.schema import DataError
+    from .hf.model import ModelLoadError
 
     if device not in ("cpu", "cuda"):
         _fail(f"--device must be cpu or cuda, got {device}")
@@ -161,7 +169,7 @@ def analyze(
     )
     try:
         result = run_analysis(model_dir, data, config, eval_data=eval_data)
-    except (AnalysisError, D.DataError, UnsupportedArchitectureError, ModelLoadError) as exc:
+    except (AnalysisError, DataError, UnsupportedArchitectureError, ModelLoadError) as exc:
         _fail(str(exc))
     for path in write_outputs(result, out, plots):
         typer.echo(f"wrote {path}")
@@ -201,15 +209,17 @@ def serve(
     import os
 
     from .profile import ProfileError, load_profile
-    from .server import (
+    from .serving.api import MIDDLEWARE_PATH
+    from .serving.settings import (
+        ALLOW_RAW_HEADS_ENV,
         DEFAULT_STEER_ENV,
         ENFORCE_STEER_ENV,
         INJECT_INSTRUCTION_ENV,
         INSTRUCTION_ENV,
-        MIDDLEWARE_PATH,
+        MAX_GAIN_ENV,
+        PROFILE_ENV,
     )
-    from .steering import Geometry, SpecError, parse_spec
-    from .vllm_plugin import ALLOW_RAW_HEADS_ENV, MAX_GAIN_ENV, PROFILE_ENV
+    from .spec import SpecError, parse_spec
 
     try:
         loaded = load_profile(profile)
@@ -223,7 +233,7 @@ def serve(
         try:
             parse_spec(
                 default_steer,
-                geometry=Geometry(loaded.model.num_layers, loaded.model.num_heads),
+                geometry=loaded.model,
                 max_gain=max_gain,
                 allow_raw_heads=True,
             )
@@ -275,11 +285,12 @@ def eval_endpoint(
     """Measure modality following through an OpenAI-compatible endpoint (temperature 0)."""
     import openai
 
-    from .eval import served_answers, served_report, steer_body
+    from .data.schema import DataError, load_samples
+    from .eval.endpoint import served_answers, served_report, steer_body
 
     try:
-        samples = D.load_samples(data)
-    except D.DataError as exc:
+        samples = load_samples(data)
+    except DataError as exc:
         _fail(str(exc))
     client = openai.OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="EMPTY")
     try:
@@ -302,7 +313,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where to write the results.")] = Path("demo-results.json"),
 ) -> None:
     """Measure the embedded toy model with transformers and served by vLLM, side by side."""
-    from .demo import run_demo
+    from .eval.demo import run_demo
 
     run_demo(out)
 

@@ -1,9 +1,10 @@
 """Arbitration-head profiles: the versioned JSON the analysis writes and the server applies.
 
-Required fields (exactly so named): `format`, `model` {architecture, num_layers, num_heads, head_dim},
-`default_gain`, `modes` {image, text} each with `heads` [{layer, head, score}]. Everything else
-(`model.fingerprint`, `scores`, `validation`, `provenance`, ...) is optional. `layer` and `head` are
-global indices in the language model (0-based, unsharded).
+Required fields (exactly so named): `format`, `model` (a :class:`~steer_server.geometry.ModelGeometry`:
+architecture, num_layers, num_heads, head_dim, optional fingerprint), `default_gain`, `modes` {image, text}
+each with `heads` [{layer, head, score}]. Everything else (`scores`, `validation`, `provenance`, ...) is
+optional and kept as written. `layer` and `head` are global indices in the language model (0-based,
+unsharded).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .geometry import ModelGeometry
+
 PROFILE_FORMAT = "modality-steer.profile/v1"
 MODES = ("image", "text")
 
@@ -25,6 +28,9 @@ class ProfileError(ValueError):
 
 
 class HeadEntry(BaseModel):
+    """One selected head: global `layer` and `head`, and its `score` (the measured mean drop of the
+    analysis metric when the head is blocked; log-probability units)."""
+
     model_config = ConfigDict(extra="forbid")
 
     layer: int = Field(ge=0)
@@ -40,26 +46,21 @@ class HeadEntry(BaseModel):
 
 
 class ModeHeads(BaseModel):
+    """The heads of one instruction mode ("image" or "text"); extra keys are kept."""
+
     model_config = ConfigDict(extra="allow")
 
     heads: list[HeadEntry]
 
 
-class ModelInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    architecture: str
-    num_layers: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    head_dim: int = Field(gt=0)
-    fingerprint: str | None = None
-
-
 class Profile(BaseModel):
+    """A validated profile: every head lies inside `model`, no head is listed twice in a mode, both modes
+    are present, `default_gain` is finite and >= 0. Unknown top-level keys are kept (`model_extra`)."""
+
     model_config = ConfigDict(extra="allow")
 
     format: Literal["modality-steer.profile/v1"]
-    model: ModelInfo
+    model: ModelGeometry
     default_gain: float = Field(ge=0)
     modes: dict[Literal["image", "text"], ModeHeads]
 
@@ -89,16 +90,27 @@ class Profile(BaseModel):
         return self
 
     def heads(self, mode: str) -> list[tuple[int, int]]:
+        """(layer, head) of every head of `mode` ("image" or "text"), in the profile's order.
+
+        Raises:
+            KeyError: `mode` is not one of the profile's modes.
+        """
         return [(h.layer, h.head) for h in self.modes[mode].heads]  # type: ignore[index]
 
     @property
     def profile_id(self) -> str:
-        """A short content hash: names the profile in logs, headers and metrics."""
+        """A short content hash (12 hex digits): names the profile in logs, headers and metrics."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile file.
+
+    Raises:
+        ProfileError: the file is missing, is not JSON (NaN and Infinity literals included), or fails
+            validation; the message names the file, the field and the problem.
+    """
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
@@ -119,7 +131,12 @@ def _reject_constant(name: str) -> Any:
 
 
 def save_profile(profile: Profile, path: str | Path) -> None:
-    """Validate, then write atomically: a failure never leaves a half-written profile."""
+    """Validate, then write atomically (a temporary file renamed into place): a failure never leaves a
+    half-written profile.
+
+    Raises:
+        pydantic.ValidationError: the profile does not validate.
+    """
     path = Path(path)
     Profile.model_validate(profile.model_dump(mode="json"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,8 +148,12 @@ def save_profile(profile: Profile, path: str | Path) -> None:
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
-    """Hash of the config and the weight index (names and shapes), not of the weights' bytes: cheap, and
-    it changes whenever the architecture or checkpoint layout does."""
+    """``"sha256:<32 hex>"`` of a checkpoint folder's `config.json` and weight layout (names and shapes),
+    not of the weights' bytes: cheap, and it changes whenever the architecture or checkpoint layout does.
+
+    Raises:
+        FileNotFoundError: the folder has no `config.json`.
+    """
     folder = Path(model_dir)
     config = json.loads((folder / "config.json").read_text())
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())

@@ -20,9 +20,11 @@ if not torch.cuda.is_available():
 
 from helpers import write_profile
 
-from steer_server import data as D
-from steer_server import toy
-from steer_server.engine import VllmServer
+from steer_server.data.schema import LoadedSample, load_samples
+from steer_server.data.synth import synth_dataset
+from steer_server.serving.launcher import VllmServer
+from steer_server.toy.card import held_out_test_split
+from steer_server.toy.model import ToyArchitecture, build_random, toy_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The paper's released files live in the workspace's shared folder beside the checkout (CI keeps it
@@ -31,7 +33,7 @@ MF_DATA = Path(
     os.environ.get("MODALITY_STEER_MF_DATA", REPO_ROOT.parent / "shared" / "data" / "modality-following")
 )
 
-TINY_ARCH = toy.ToyArchitecture(text_hidden=128, text_layers=2, text_heads=4, head_dim=32, text_mlp=256)
+TINY_ARCH = ToyArchitecture(text_hidden=128, text_layers=2, text_heads=4, head_dim=32, text_mlp=256)
 
 
 @pytest.fixture(scope="session")
@@ -45,18 +47,18 @@ def mf_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight LLaVA (2 layers x 4 heads, head_dim 32) with the toy tokenizer, built here."""
-    return toy.build_random(tmp_path_factory.mktemp("tiny-llava"), TINY_ARCH, seed=1)
+    return build_random(tmp_path_factory.mktemp("tiny-llava"), TINY_ARCH, seed=1)
 
 
 @pytest.fixture(scope="session")
 def toy_test_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The held-out synthetic test split the toy model card refers to."""
-    return toy.held_out_test_split(tmp_path_factory.mktemp("toy-data"))
+    return held_out_test_split(tmp_path_factory.mktemp("toy-data"))
 
 
 @pytest.fixture(scope="session")
-def toy_test_samples(toy_test_split: Path) -> list[D.LoadedSample]:
-    return D.load_samples(toy_test_split)
+def toy_test_samples(toy_test_split: Path) -> list[LoadedSample]:
+    return load_samples(toy_test_split)
 
 
 @pytest.fixture(scope="session")
@@ -66,10 +68,10 @@ def llava_profile(tiny_llava: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
-def serve_samples(tmp_path_factory: pytest.TempPathFactory) -> list[D.LoadedSample]:
+def serve_samples(tmp_path_factory: pytest.TempPathFactory) -> list[LoadedSample]:
     """Sixteen synthetic samples (conflicts and controls, with images) for the serving tests."""
-    paths = D.synth_dataset(tmp_path_factory.mktemp("serve-data"), 240, seed=11)
-    return D.load_samples(paths["test"])[:16]
+    paths = synth_dataset(tmp_path_factory.mktemp("serve-data"), 240, seed=11)
+    return load_samples(paths["test"])[:16]
 
 
 def _server(model: Path, *args: str) -> Iterator[VllmServer]:
@@ -85,4 +87,4 @@ def tiny_llava_server(tiny_llava: Path) -> Iterator[VllmServer]:
 
 @pytest.fixture(scope="module")
 def toy_server() -> Iterator[VllmServer]:
-    yield from _server(toy.toy_model_dir())
+    yield from _server(toy_model_dir())

@@ -12,12 +12,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from steer_server import data as D
-from steer_server import hf
 from steer_server.architectures import geometry_of
-from steer_server.engine import VllmServer
+from steer_server.data.prompts import openai_messages
+from steer_server.data.schema import LoadedSample
+from steer_server.hf.hooks import scale_heads
+from steer_server.hf.model import LoadedModel, encode
 from steer_server.profile import Profile, load_profile
-from steer_server.steering import Geometry, effective_gains, gains_matrix, parse_spec
+from steer_server.serving.launcher import VllmServer
+from steer_server.spec import effective_gains, gains_matrix, parse_spec
 
 MAX_TOKENS = 4
 BASE_ARGS = ["--max-model-len", "256", "--max-num-seqs", "16"]
@@ -77,13 +79,13 @@ def image_url(colour: tuple[int, int, int]) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def chat(client: Any, model: str, loaded: D.LoadedSample, steer: Any = None, **kwargs: Any) -> Any:
+def chat(client: Any, model: str, loaded: LoadedSample, steer: Any = None, **kwargs: Any) -> Any:
     extra: dict[str, Any] = {"ignore_eos": True}
     if steer is not None:
         extra["modality_steer"] = steer
     return client.chat.completions.create(
         model=model,
-        messages=D.openai_messages(loaded),
+        messages=openai_messages(loaded),
         max_tokens=MAX_TOKENS,
         temperature=0,
         logprobs=True,
@@ -101,19 +103,15 @@ def served_steps(reply: Any) -> list[tuple[str, dict[str, float]]]:
 
 
 def reference_steps(
-    loaded_model: hf.LoadedModel, profile: Profile, sample: D.LoadedSample, steer: Any
+    loaded_model: LoadedModel, profile: Profile, sample: LoadedSample, steer: Any
 ) -> list[tuple[str, dict[str, float]]]:
     """Greedy steps and top-5 logprobs from transformers with the same gains (pre-hooks on o_proj)."""
     geometry = geometry_of(loaded_model.model.config)
-    spec = parse_spec(
-        steer if steer is not None else "off",
-        geometry=Geometry(geometry.num_layers, geometry.num_heads),
-        allow_raw_heads=True,
-    )
-    gains = gains_matrix(effective_gains(spec, profile), geometry.num_layers, geometry.num_heads)
-    batch = hf.encode(loaded_model, [sample])
+    spec = parse_spec(steer if steer is not None else "off", geometry=geometry, allow_raw_heads=True)
+    gains = gains_matrix(effective_gains(spec, profile), geometry)
+    batch = encode(loaded_model, [sample])
     tokenizer = loaded_model.processor.tokenizer
-    with torch.inference_mode(), hf.HeadGains(loaded_model.model, gains):
+    with torch.inference_mode(), scale_heads(loaded_model.model, gains):
         out = loaded_model.model.generate(
             **batch,
             max_new_tokens=MAX_TOKENS,

@@ -12,32 +12,36 @@ import types
 import pytest
 import torch
 
-from steer_server import data as D
-from steer_server import hf, toy
-from steer_server.analysis import (
-    AnalysisConfig,
-    AnalysisError,
-    Runner,
-    _gain_table,
-    analyze,
-    attribution,
-    score_logits,
-    spearman,
+from steer_server.analysis.ablation import gain_table, spearman
+from steer_server.analysis.attribution import attribution
+from steer_server.analysis.config import AnalysisConfig, AnalysisError
+from steer_server.analysis.metric import Runner, score_logits
+from steer_server.analysis.pipeline import analyze
+from steer_server.architectures import (
+    UnsupportedArchitectureError,
+    attention_modules,
+    geometry_of,
+    o_proj_modules,
 )
-from steer_server.architectures import UnsupportedArchitectureError, geometry_of, o_proj_modules
+from steer_server.data.schema import DataError, LoadedSample, data_digest, load_samples
+from steer_server.data.scoring import is_success
+from steer_server.data.synth import synth_dataset
+from steer_server.hf.hooks import capture_head_outputs, knockout_attention, scale_heads
+from steer_server.hf.model import ModelLoadError, encode, greedy_decode, load_model
 from steer_server.profile import load_profile
+from steer_server.toy.model import build_random_qwen2_vl, toy_model_dir
 
 CLI = [sys.executable, "-m", "steer_server.cli"]
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_vl(tmp_path_factory):
-    return toy.build_random_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"), seed=2)
+    return build_random_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"), seed=2)
 
 
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
-    return D.synth_dataset(tmp_path_factory.mktemp("small-data"), 240, seed=9)
+    return synth_dataset(tmp_path_factory.mktemp("small-data"), 240, seed=9)
 
 
 @pytest.fixture(params=["llava", "qwen2_vl"])
@@ -49,14 +53,14 @@ def _logits(loaded, batch, gains=None):
     with torch.inference_mode():
         if gains is None:
             return loaded.model(**batch).logits
-        with hf.HeadGains(loaded.model, gains):
+        with scale_heads(loaded.model, gains):
             return loaded.model(**batch).logits
 
 
 def test_head_gain_invariants(tiny_model, small_data):
-    loaded = hf.load_model(tiny_model)
+    loaded = load_model(tiny_model)
     geometry = geometry_of(loaded.model.config)
-    batch = hf.encode(loaded, D.load_samples(small_data["test"])[:4])
+    batch = encode(loaded, load_samples(small_data["test"])[:4])
     plain = _logits(loaded, batch)
     # Gain 1 everywhere is an exact no-op (every layer is hooked).
     assert torch.equal(_logits(loaded, batch, torch.ones(geometry.num_layers, geometry.num_heads)), plain)
@@ -87,7 +91,7 @@ def test_head_gain_invariants(tiny_model, small_data):
 
 
 def test_head_contributions_sum_to_attention_output(tiny_llava):
-    loaded = hf.load_model(tiny_llava)
+    loaded = load_model(tiny_llava)
     geometry = geometry_of(loaded.model.config)
     o_proj = o_proj_modules(loaded.model)[0]
     z = torch.randn(3, 5, geometry.num_heads * geometry.head_dim)
@@ -103,17 +107,17 @@ def test_head_contributions_sum_to_attention_output(tiny_llava):
 def test_attribution_is_the_metrics_derivative_in_each_heads_gain(tiny_llava, small_data):
     """Gradient x activation predicts the metric's drop when a head is zeroed, to first order: it is exactly
     d metric / d gain at gain 1, which a central finite difference checks, sign included."""
-    loaded = hf.load_model(tiny_llava)
+    loaded = load_model(tiny_llava)
     geometry = geometry_of(loaded.model.config)
-    conflicts = [s for s in D.load_samples(small_data["test"]) if s.sample.kind == "conflict"][:6]
+    conflicts = [s for s in load_samples(small_data["test"]) if s.sample.kind == "conflict"][:6]
     runner = Runner(loaded, conflicts, batch_size=3)
     scores = attribution(runner, geometry, progress=False)
     assert scores.shape == (len(conflicts), geometry.num_layers, geometry.num_heads)
     eps = 1e-2
     last_layer, last_head = geometry.num_layers - 1, geometry.num_heads - 1
     for layer, head in [(0, 0), (last_layer, last_head), (last_layer, 1)]:
-        up = runner.score(_gain_table(geometry, [(layer, head)], 1 + eps)).metric
-        down = runner.score(_gain_table(geometry, [(layer, head)], 1 - eps)).metric
+        up = runner.score(gain_table(geometry, [(layer, head)], 1 + eps)).metric
+        down = runner.score(gain_table(geometry, [(layer, head)], 1 - eps)).metric
         derivative = (up - down) / (2 * eps)
         torch.testing.assert_close(scores[:, layer, head], derivative, atol=2e-3, rtol=2e-2)
         clear = derivative.abs() > 2e-2  # well above the tolerance: the sign is tested there
@@ -121,12 +125,112 @@ def test_attribution_is_the_metrics_derivative_in_each_heads_gain(tiny_llava, sm
         assert torch.equal(scores[clear, layer, head].sign(), derivative[clear].sign())
 
 
-def test_metric_pools_surface_forms_and_judges_greedy():
-    logits = torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.1, 0.2, 0.6]]))
-    scored = score_logits(logits, instructed=[[0, 1], [0]], competing=[[2], [3, 2]])
-    assert scored.metric[0].item() == pytest.approx(torch.log(torch.tensor(0.7 / 0.2)).item(), abs=1e-6)
-    assert scored.metric[1].item() == pytest.approx(torch.log(torch.tensor(0.1 / 0.8)).item(), abs=1e-6)
-    assert scored.follows.tolist() == [True, False]
+def test_metric_pools_surface_forms():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.1, 0.1, 0.2, 0.6], [0.1, 0.1, 0.2, 0.6]]))
+    metric = score_logits(logits, instructed=[[0, 1], [0], [3]], competing=[[2], [3, 2], []])
+    assert metric[0].item() == pytest.approx(torch.log(torch.tensor(0.7 / 0.2)).item(), abs=1e-6)
+    assert metric[1].item() == pytest.approx(torch.log(torch.tensor(0.1 / 0.8)).item(), abs=1e-6)
+    assert metric[2].item() == pytest.approx(torch.log(torch.tensor(0.6)).item(), abs=1e-6)  # a control
+
+
+def test_runner_judges_the_greedy_answer_text_like_every_other_figure(tiny_llava, small_data):
+    """Success in the analysis is `is_success` on the greedy answer's text, decoded as far as the longest
+    candidate reaches: here two-word answers, so two greedy steps, equal to transformers' `generate`."""
+    loaded = load_model(tiny_llava)
+    samples = [s for s in load_samples(small_data["test"]) if s.sample.kind == "conflict"][:6]
+    two_words = [
+        LoadedSample(
+            sample=s.sample.model_copy(
+                update={
+                    "answer_image": [f"{s.sample.answer_image[0]} circle"],
+                    "answer_text": [f"{s.sample.answer_text[0]} square"],
+                }
+            ),
+            image_path=s.image_path,
+            line=s.line,
+        )
+        for s in samples
+    ]
+    runner = Runner(loaded, two_words, batch_size=4)
+    assert runner.budget == 2
+    tokenizer = loaded.processor.tokenizer
+    texts = []
+    for start in runner.starts():
+        batch = runner.batch(start)
+        with torch.inference_mode():
+            _, decoded = greedy_decode(loaded, batch, runner.budget)
+        texts += decoded
+        for row, text in enumerate(decoded):
+            length = int(batch["attention_mask"][row].sum())
+            single = {k: v[row : row + 1] for k, v in batch.items() if k != "pixel_values"}
+            single = {k: v[:, :length] for k, v in single.items()}
+            if "pixel_values" in batch:
+                single["pixel_values"] = batch["pixel_values"][row : row + 1]
+            with torch.inference_mode():
+                out = loaded.model.generate(
+                    **single, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+            generated = out[0, length:].tolist()
+            if tokenizer.eos_token_id in generated:
+                generated = generated[: generated.index(tokenizer.eos_token_id)]
+            assert text == tokenizer.decode(generated, skip_special_tokens=True).strip()
+    follows = runner.score().follows.tolist()
+    assert follows == [is_success(s.sample, t) for s, t in zip(two_words, texts, strict=True)]
+
+
+def test_hooks_are_removed_and_state_restored_even_on_error(tiny_llava, small_data):
+    loaded = load_model(tiny_llava)
+    model = loaded.model
+    geometry = geometry_of(model.config)
+    modules = [*o_proj_modules(model), *attention_modules(model)]
+
+    def hooks() -> int:
+        return sum(len(m._forward_pre_hooks) for m in modules)
+
+    blocked = torch.zeros(1, 4, 4, dtype=torch.bool)
+    for manager in (
+        scale_heads(model, torch.ones(geometry.num_layers, geometry.num_heads)),
+        capture_head_outputs(model),
+        knockout_attention(model, {0}, blocked),
+    ):
+        with pytest.raises(RuntimeError, match="inside"), manager:
+            assert hooks() > 0
+            raise RuntimeError("inside")
+        assert hooks() == 0
+    flags = [p.requires_grad for p in model.parameters()]
+    conflicts = [s for s in load_samples(small_data["test"]) if s.sample.kind == "conflict"][:2]
+    attribution(Runner(loaded, conflicts, batch_size=2), geometry, progress=False)
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert hooks() == 0
+
+
+def test_knockout_cuts_exactly_the_blocked_edges(tiny_llava, small_data):
+    """An empty cut leaves the logits exactly as they are (the layer's own mask is kept); cutting every
+    earlier key of the last position in every layer leaves it attending to itself only, which a model
+    whose prompt is just that token reproduces."""
+    loaded = load_model(tiny_llava)
+    model = loaded.model
+    geometry = geometry_of(model.config)
+    batch = encode(loaded, load_samples(small_data["test"])[:3])
+    size = batch["input_ids"].shape[1]
+    layers = set(range(geometry.num_layers))
+    with torch.inference_mode():
+        plain = model(**batch).logits
+        with knockout_attention(model, layers, torch.zeros(3, size, size, dtype=torch.bool)):
+            same = model(**batch).logits
+        torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
+        lengths = batch["attention_mask"].sum(dim=1)
+        blocked = torch.zeros(3, size, size, dtype=torch.bool)
+        for row, length in enumerate(lengths.tolist()):
+            blocked[row, length - 1, : length - 1] = True
+        with knockout_attention(model, layers, blocked):
+            cut = model(**batch).logits
+    for row, length in enumerate(lengths.tolist()):
+        last_id = batch["input_ids"][row, length - 1 : length][None]
+        with torch.inference_mode():
+            alone = model(input_ids=last_id, position_ids=torch.tensor([[length - 1]])).logits
+        torch.testing.assert_close(cut[row, length - 1], alone[0, 0], atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(cut[row, length - 1], plain[row, length - 1], atol=1e-3)
 
 
 def test_spearman():
@@ -186,7 +290,7 @@ def test_analysis_end_to_end(tiny_model, small_data, tmp_path):
         assert len(validation["mf_ratio_block_random_draws"]) == 2
         assert set(validation["gain_sweep"]) == {"1.5", "2.0", "3.0", "4.0", "6.0"}
     assert profile.default_gain in (1.5, 2.0, 3.0, 4.0, 6.0)
-    assert raw["provenance"]["data_sha256"] == D.data_digest(small_data["train"])
+    assert raw["provenance"]["data_sha256"] == data_digest(small_data["train"])
     assert raw["model"]["fingerprint"].startswith("sha256:")
     flow = json.loads((tmp_path / "profile.knockout.json").read_text())
     assert set(flow["edges"]) >= {"image->instruction", "context->instruction", "instruction->last"}
@@ -233,7 +337,7 @@ def bad_inputs(tmp_path, small_data):
 )
 def test_bad_input_is_refused(bad_inputs, tiny_llava, case):
     path, options, needle = bad_inputs[case]
-    with pytest.raises((AnalysisError, D.DataError)) as caught:
+    with pytest.raises((AnalysisError, DataError)) as caught:
         analyze(tiny_llava, path, AnalysisConfig(progress=False, **options))
     assert needle in str(caught.value)
 
@@ -246,7 +350,7 @@ def test_head_count_mismatch_is_refused(tiny_llava, small_data, tmp_path):
     config["text_config"]["num_key_value_heads"] = 2
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(
-        hf.ModelLoadError, match=r"does not match its config .*self_attn.o_proj.weight \(shape differs"
+        ModelLoadError, match=r"does not match its config .*self_attn.o_proj.weight \(shape differs"
     ):
         analyze(broken, small_data["test"], AnalysisConfig(progress=False, limit=8))
 
@@ -285,9 +389,9 @@ def test_shipped_profile_recovers_the_toys_arbitration_heads():
     """The toy model's arbitration was trained into known heads per instruction (its recipe); the analysis
     was not told which, and the shipped profile must name exactly those for each mode, with validation
     figures that meet the analysis issue's targets."""
-    from steer_server.demo import toy_profile_path
+    from steer_server.eval.demo import toy_profile_path
 
-    recipe = json.loads((toy.toy_model_dir() / "training.json").read_text())["recipe"]
+    recipe = json.loads((toy_model_dir() / "training.json").read_text())["recipe"]
     profile = load_profile(toy_profile_path())
     scores = profile.model_extra["scores"]
     for mode in ("image", "text"):

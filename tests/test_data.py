@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from steer_server import data as D
+from steer_server.data.importer import import_mf
+from steer_server.data.normalize import answer_matches
+from steer_server.data.prompts import INSTRUCTIONS, insert_instruction, openai_messages, user_text
+from steer_server.data.schema import DataError, LoadedSample, Sample, load_samples
+from steer_server.data.scoring import is_success, judge
+from steer_server.data.synth import COLOURS, TASKS, synth_dataset
 
 CLI = [sys.executable, "-m", "steer_server.cli"]
 
@@ -27,18 +32,18 @@ def _tree_digest(folder: Path) -> str:
 
 
 def test_synth_is_deterministic_per_seed(tmp_path):
-    D.synth_dataset(tmp_path / "a", 240, seed=3)
-    D.synth_dataset(tmp_path / "b", 240, seed=3)
-    D.synth_dataset(tmp_path / "c", 240, seed=4)
+    synth_dataset(tmp_path / "a", 240, seed=3)
+    synth_dataset(tmp_path / "b", 240, seed=3)
+    synth_dataset(tmp_path / "c", 240, seed=4)
     assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
     assert _tree_digest(tmp_path / "a") != _tree_digest(tmp_path / "c")
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> dict[str, list[D.LoadedSample]]:
+def synth(tmp_path_factory) -> dict[str, list[LoadedSample]]:
     out = tmp_path_factory.mktemp("synth")
-    paths = D.synth_dataset(out, 2000, seed=0)
-    return {split: D.load_samples(path) for split, path in paths.items()}
+    paths = synth_dataset(out, 2000, seed=0)
+    return {split: load_samples(path) for split, path in paths.items()}
 
 
 def test_synth_splits_and_balance(synth):
@@ -47,7 +52,7 @@ def test_synth_splits_and_balance(synth):
     conflicts = [s for s in train if s.kind == "conflict"]
     assert 0.6 < len(conflicts) / len(train) < 0.8
     by_cell = Counter((s.task, s.follow) for s in conflicts)
-    assert set(by_cell) == {(t, f) for t in D.TASKS for f in ("image", "text")}
+    assert set(by_cell) == {(t, f) for t in TASKS for f in ("image", "text")}
     assert max(by_cell.values()) / min(by_cell.values()) < 1.5
     controls = Counter(s.task.split("/")[1] for s in train if s.kind == "control")
     assert set(controls) == {"agree", "image_only", "text_only"}
@@ -61,14 +66,14 @@ def test_synth_conflicts_contradict_and_images_show_the_image_answer(synth):
         if sample.kind == "conflict":
             assert sample.answer_text[0] in sample.context
             assert sample.answer_image[0] not in sample.context.split()
-            assert D.INSTRUCTIONS[sample.follow] in D.user_text(sample)
+            assert INSTRUCTIONS[sample.follow] in user_text(sample)
         if sample.task == "colour" and sample.kind == "conflict":
             pixels = Counter(
                 map(tuple, np.asarray(Image.open(loaded.image_path).convert("RGB")).reshape(-1, 3).tolist())
             )
             background = (245, 245, 245)
             drawn = max((c for c in pixels if c != background), key=pixels.__getitem__)
-            assert drawn == D.COLOURS[sample.answer_image[0]]
+            assert drawn == COLOURS[sample.answer_image[0]]
 
 
 def test_controls_have_the_right_modalities(synth):
@@ -113,8 +118,8 @@ def test_loader_names_line_and_field(tmp_path, record, needle):
     Image.new("RGB", (4, 4)).save(tmp_path / "img.png")
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({**GOOD, "id": "x0"}) + "\n" + json.dumps(record) + "\n")
-    with pytest.raises(D.DataError) as caught:
-        D.load_samples(path)
+    with pytest.raises(DataError) as caught:
+        load_samples(path)
     assert needle in str(caught.value)
     assert str(path) in str(caught.value)
 
@@ -133,8 +138,8 @@ LOADER_ERRORS = [
 def test_loader_file_errors(tmp_path, content, needle):
     path = tmp_path / "d.jsonl"
     path.write_text(content)
-    with pytest.raises(D.DataError, match=__import__("re").escape(needle)):
-        D.load_samples(path)
+    with pytest.raises(DataError, match=__import__("re").escape(needle)):
+        load_samples(path)
 
 
 JUDGE = [
@@ -149,14 +154,14 @@ JUDGE = [
 
 @pytest.mark.parametrize(("answer", "outcome"), JUDGE)
 def test_judge(answer, outcome):
-    assert D.judge(D.Sample(**GOOD), answer) == outcome
+    assert judge(Sample(**GOOD), answer) == outcome
 
 
 @pytest.mark.parametrize(
     ("said", "candidates"), [("Walking", ["walk"]), ("dogs", ["dog"]), ("the Apples!", ["apple"])]
 )
 def test_answer_matching_normalises_inflection(said, candidates):
-    assert D.answer_matches(said, candidates)
+    assert answer_matches(said, candidates)
 
 
 def _released_ids(path: Path) -> list[str]:
@@ -187,7 +192,7 @@ def test_import_every_released_file(mf_data_dir, tmp_path, coco_names):
         )
         assert done.returncode == 0, done.stderr
         assert f"wrote {len(records)} of {len(records)} samples" in done.stdout
-        loaded = D.load_samples(out)
+        loaded = load_samples(out)
         assert len(loaded) == len(records)
         expected_follow = "text" if "following_text" in source.name else "image"
         for record, item in zip(records, loaded, strict=True):
@@ -240,7 +245,7 @@ def test_import_reports_missing_images(mf_data_dir, tmp_path):
     assert partial.returncode == 0, partial.stderr
     assert f"wrote {len(ids) - lost} of {len(ids)} samples" in partial.stdout
     assert f"skipped {lost} samples whose image is missing" in partial.stderr
-    assert len(D.load_samples(out)) == len(ids) - lost
+    assert len(load_samples(out)) == len(ids) - lost
 
 
 AGREE = {**GOOD, "kind": "control", "answer_image": ["red"], "answer_text": ["red"]}
@@ -257,4 +262,62 @@ SUCCESS = [
 
 @pytest.mark.parametrize(("record", "answer", "expected"), SUCCESS)
 def test_success_of_conflicts_and_controls(record, answer, expected):
-    assert D.is_success(D.Sample(**record), answer) is expected
+    assert is_success(Sample(**record), answer) is expected
+
+
+# --------------------------------------------------------------------------------------------------
+# The one prompt layout: injection puts the instruction where the data layout does.
+# --------------------------------------------------------------------------------------------------
+
+
+def _all_layouts(synth, mf_data_dir, tmp_path):
+    samples = [s.sample for s in load_samples(synth["test"])]
+    for source in sorted(mf_data_dir.glob("*.json")):
+        images = tmp_path / "coco"
+        _stand_in_images([r["image_id"] for r in json.loads(source.read_text())], images, coco_names=False)
+        out = tmp_path / f"{source.stem}.jsonl"
+        import_mf(source, images, out)
+        samples += [s.sample for s in load_samples(out)]
+    return samples
+
+
+def test_injected_instruction_lands_where_the_data_layout_puts_it(synth, mf_data_dir, tmp_path):
+    """Every synthetic sample and every sample of the paper's released files (some contexts span several
+    lines): inserting the instruction into the uninstructed text gives the instructed text exactly."""
+    samples = _all_layouts(synth, mf_data_dir, tmp_path)
+    assert any("\n" in s.context for s in samples)
+    for sample in samples:
+        bare = user_text(sample, with_instruction=False)
+        assert insert_instruction(bare, INSTRUCTIONS[sample.follow]) == user_text(sample), sample.id
+
+
+def test_server_injection_renders_the_data_layouts_prompt(synth):
+    """The server's rewrite of a chat request without an instruction, rendered by the toy's chat
+    template, is the prompt the data layout renders with the instruction: text compared, not length."""
+    from steer_server.serving.policy import Policy, rewrite
+    from steer_server.spec import SteerSpec
+    from steer_server.toy.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    policy = Policy(
+        plugin=None,  # type: ignore[arg-type]  # rewrite reads only the injection settings
+        default=SteerSpec(mode="off"),
+        enforce=None,
+        inject_instruction=True,
+        instructions=dict(INSTRUCTIONS),
+    )
+    loaded = load_samples(synth["test"])
+    kinds = {(s.sample.kind, s.sample.image is None, bool(s.sample.context)) for s in loaded}
+    assert len(kinds) >= 3  # conflicts, image-only and text-only controls
+    for sample in loaded[:40]:
+        mode = sample.sample.follow
+        body = {"messages": openai_messages(sample, with_instruction=False), "modality_steer": mode}
+        rewritten = rewrite(body, SteerSpec(mode=mode), policy)
+        assert render(rewritten["messages"]) == render(openai_messages(sample)), sample.sample.id
+        prompt = f"USER: {user_text(sample.sample, with_instruction=False)}\nASSISTANT:"
+        completion = rewrite({"prompt": prompt}, SteerSpec(mode=mode), policy)
+        assert completion["prompt"] == f"USER: {user_text(sample.sample)}\nASSISTANT:"

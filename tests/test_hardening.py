@@ -23,7 +23,8 @@ from helpers import serve
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from steer_server import data as D
+from steer_server.data.prompts import openai_messages, user_text
+from steer_server.data.schema import LoadedSample
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -83,10 +84,10 @@ def post(server: Any, path: str, body: Any, *, timeout: float = 60) -> tuple[int
         return error.code, dict(error.headers), payload
 
 
-def base_body(model: str, route: str, sample: D.LoadedSample) -> dict[str, Any]:
+def base_body(model: str, route: str, sample: LoadedSample) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "max_tokens": 1, "temperature": 0}
     if route == "/v1/chat/completions":
-        body["messages"] = D.openai_messages(sample)
+        body["messages"] = openai_messages(sample)
     else:
         body["prompt"] = "USER: What colour is the object? ASSISTANT:"
     return body
@@ -109,7 +110,7 @@ def wait_until_released(server: Any, timeout: float = 30.0) -> list[dict[str, An
         time.sleep(0.5)
 
 
-def assert_server_still_serves(server: Any, model: str, sample: D.LoadedSample) -> None:
+def assert_server_still_serves(server: Any, model: str, sample: LoadedSample) -> None:
     assert server.healthy()
     status, headers, reply = post(
         server, "/v1/chat/completions", {**base_body(model, ROUTES[0], sample), "modality_steer": "image"}
@@ -208,7 +209,7 @@ def test_bad_input_gets_400_and_the_server_stays_healthy(
 
 
 def test_oversized_body_gets_413(open_server, long_llava, serve_samples):
-    from steer_server.server import MAX_BODY_BYTES
+    from steer_server.serving.api import MAX_BODY_BYTES
 
     body = base_body(str(long_llava), ROUTES[1], serve_samples[0])
     body["prompt"] = "x" * (MAX_BODY_BYTES + 1)
@@ -301,7 +302,7 @@ LOAD_SPECS: list[Any] = [
 ]
 
 
-def _load_request(index: int, model: str, samples: list[D.LoadedSample]) -> tuple[str, dict[str, Any]]:
+def _load_request(index: int, model: str, samples: list[LoadedSample]) -> tuple[str, dict[str, Any]]:
     spec = LOAD_SPECS[index % len(LOAD_SPECS)]
     sample = samples[index % len(samples)]
     route = ROUTES[(index // len(LOAD_SPECS)) % 2]
@@ -313,9 +314,9 @@ def _load_request(index: int, model: str, samples: list[D.LoadedSample]) -> tupl
         "logprobs": True if route == ROUTES[0] else 1,
     }
     if route == ROUTES[0]:
-        body["messages"] = D.openai_messages(sample)
+        body["messages"] = openai_messages(sample)
     else:
-        body["prompt"] = f"USER: {D.user_text(sample.sample)} ASSISTANT:"
+        body["prompt"] = f"USER: {user_text(sample.sample)} ASSISTANT:"
     if spec is not None:
         body["modality_steer"] = spec
     return route, body
@@ -383,10 +384,10 @@ def test_concurrent_mixed_load_completes_exactly_and_releases_every_slot(
 # --------------------------------------------------------------------------------------------------
 
 
-def _long_body(model: str, sample: D.LoadedSample, **extra: Any) -> dict[str, Any]:
+def _long_body(model: str, sample: LoadedSample, **extra: Any) -> dict[str, Any]:
     return {
         "model": model,
-        "messages": D.openai_messages(sample),
+        "messages": openai_messages(sample),
         "max_tokens": LONG_GENERATION,
         "ignore_eos": True,
         "modality_steer": {"follow": "image", "gain": 2.5},
@@ -577,7 +578,7 @@ def test_malformed_profile_stops_a_plain_vllm_launch(tiny_llava, tmp_path):
     import subprocess
     import sys
 
-    from steer_server.engine import CPU_DEFAULT_ARGS, free_port
+    from steer_server.serving.launcher import CPU_DEFAULT_ARGS, free_port
 
     profile = tmp_path / "profile.json"
     profile.write_text(_profile_text(tiny_llava, tmp_path, BAD_PROFILES[3][1]))

@@ -1,7 +1,9 @@
-"""The installed stack: the console script, `doctor`, and the `kernels` name left to its owner."""
+"""The installed stack: the console script, `doctor`, the plugin entry point, and the wheel's contents."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,37 +40,79 @@ def test_vllm_loads_the_plugin_entry_point():
     assert "modality_steer" in plugins
 
 
-def test_kernels_folder_is_not_a_top_level_package_even_from_the_checkout():
-    """Run from the repository root (cwd on sys.path): transformers must not mistake our folder for the
-    Hugging Face `kernels` package, and our op must import once, under steer_server."""
-    probe = (
-        "import importlib.util, sys;"
-        "from transformers.utils.import_utils import is_kernels_available;"
-        "import steer_server.kernels.head_scale as k;"
-        "spec = importlib.util.find_spec('kernels');"
-        "print(is_kernels_available(), spec is None or spec.origin is None, k.__name__)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-    )
-    assert done.stdout.split() == ["False", "True", "steer_server.kernels.head_scale"]
-
-
 def test_plugin_does_nothing_without_a_profile_and_refuses_a_broken_one(monkeypatch, tmp_path):
-    from steer_server import vllm_plugin
+    from steer_server.serving import plugin
+    from steer_server.serving.settings import SteeringConfigError, settings
 
     monkeypatch.delenv("MODALITY_STEER_PROFILE", raising=False)
-    vllm_plugin.settings.cache_clear()
-    vllm_plugin.register()  # nothing configured: nothing happens
-    assert vllm_plugin.settings() is None
+    settings.cache_clear()
+    plugin.register()  # nothing configured: nothing happens
+    assert settings() is None
     missing = tmp_path / "nope.json"
     monkeypatch.setenv("MODALITY_STEER_PROFILE", str(missing))
-    vllm_plugin.settings.cache_clear()
+    settings.cache_clear()
     try:
-        vllm_plugin.register()
-    except vllm_plugin.SteeringConfigError as exc:
+        plugin.register()
+    except SteeringConfigError as exc:
         assert f"{missing}: no such profile" in str(exc)
     else:
         raise AssertionError("a configured profile that cannot be read must stop the process")
     finally:
-        vllm_plugin.settings.cache_clear()
+        settings.cache_clear()
+
+
+def test_the_built_wheel_imports_the_kernel_and_ships_the_profile_and_toy(tmp_path):
+    """`kernels/` and `profiles/` live at the top of the repository and are installed as
+    `steer_server.kernels` and `steer_server.profiles` by the build configuration: a wheel built from the
+    checkout and installed on its own (first on the path, run from an empty folder) has them."""
+    wheels, target, scratch = tmp_path / "wheels", tmp_path / "site", tmp_path / "cwd"
+    scratch.mkdir()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheels),
+            str(REPO_ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (wheel,) = wheels.glob("modality_steer-*.whl")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    probe = (
+        "import json, importlib.resources as r, torch;"
+        "import steer_server.kernels.head_scale as k;"
+        "from steer_server.eval.demo import toy_profile_path;"
+        "from steer_server.toy.model import toy_model_dir;"
+        "out = torch.ones(3, 2, 4); k.head_scale_(out, torch.tensor([0, 1, 1], dtype=torch.int32), "
+        "torch.tensor([[1.0, 1.0], [0.0, 2.0]]));"
+        "print(json.dumps({'kernel': k.__file__, 'profile': str(toy_profile_path()), "
+        "'toy': str(toy_model_dir() / 'model.safetensors'), 'sum': float(out.sum())}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=scratch,
+        env={**env, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("kernel", "profile", "toy"):
+        assert Path(found[key]).is_relative_to(target), (key, found)
+        assert Path(found[key]).is_file(), (key, found)
+    assert found["sum"] == 4 * 1 + 4 * (0 + 2) * 2  # token 0 unsteered; tokens 1, 2: head 0 x0, head 1 x2

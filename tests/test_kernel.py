@@ -9,7 +9,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from steer_server.kernels.head_scale import (
     MAX_HEADS,
     MAX_TOKENS,

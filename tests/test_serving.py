@@ -23,10 +23,10 @@ from helpers import (
     write_profile,
 )
 
-from steer_server import data as D
-from steer_server import hf
-from steer_server.engine import ServerStartError, VllmServer
+from steer_server.data.prompts import openai_messages
+from steer_server.hf.model import load_model
 from steer_server.profile import load_profile
+from steer_server.serving.launcher import ServerStartError, VllmServer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ def _metrics(server) -> dict[str, float]:
 
 @pytest.mark.parametrize("steer", SPECS, ids=SPEC_IDS)
 def test_llava_matches_transformers_reference(llava_server, tiny_llava, llava_profile, serve_samples, steer):
-    reference = hf.load_model(tiny_llava)
+    reference = load_model(tiny_llava)
     profile = load_profile(llava_profile)
     client = llava_server.client()
     for sample in serve_samples[:3]:
@@ -142,7 +142,7 @@ def test_header_and_metrics(llava_server, tiny_llava, serve_samples, llava_profi
     before = _metrics(llava_server)
     raw = client.chat.completions.with_raw_response.create(
         model=str(tiny_llava),
-        messages=D.openai_messages(serve_samples[0]),
+        messages=openai_messages(serve_samples[0]),
         max_tokens=2,
         extra_body={"modality_steer": "text"},
     )

@@ -14,9 +14,10 @@ from helpers import (
     served_steps,
 )
 
-from steer_server import data as D
-from steer_server import hf, toy
+from steer_server.data.prompts import INSTRUCTIONS, openai_messages
+from steer_server.hf.model import load_model
 from steer_server.profile import load_profile
+from steer_server.toy.tokenizer import build_tokenizer
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -69,7 +70,7 @@ def test_enforced_policy_refuses_everything_else_with_403(enforced_server, tiny_
     with pytest.raises(openai.PermissionDeniedError) as caught:
         enforced_server.client().chat.completions.create(
             model=str(tiny_llava),
-            messages=D.openai_messages(serve_samples[0]),
+            messages=openai_messages(serve_samples[0]),
             max_tokens=2,
             extra_body=extra,
         )
@@ -80,17 +81,15 @@ def test_enforced_policy_steers_requests_without_a_field(
     enforced_server, tiny_llava, llava_profile, serve_samples
 ):
     enforced = served_steps(chat(enforced_server.client(), str(tiny_llava), serve_samples[1]))
-    expected = reference_steps(
-        hf.load_model(tiny_llava), load_profile(llava_profile), serve_samples[1], "text"
-    )
+    expected = reference_steps(load_model(tiny_llava), load_profile(llava_profile), serve_samples[1], "text")
     assert_same_steps(enforced, expected, 1e-3)
     raw = enforced_server.client().chat.completions.with_raw_response.create(
-        model=str(tiny_llava), messages=D.openai_messages(serve_samples[1]), max_tokens=2
+        model=str(tiny_llava), messages=openai_messages(serve_samples[1]), max_tokens=2
     )
     assert raw.headers["x-modality-steer"].startswith("mode=text; gain=3")
     same = enforced_server.client().chat.completions.with_raw_response.create(
         model=str(tiny_llava),
-        messages=D.openai_messages(serve_samples[1]),
+        messages=openai_messages(serve_samples[1]),
         max_tokens=2,
         extra_body={"modality_steer": "text"},
     )
@@ -115,7 +114,7 @@ def test_default_steer_and_injected_instruction(default_inject_server, tiny_llav
     """A request without a field gets the default steering and the mode's instruction sentence; an explicit
     "off" is served unsteered and without the sentence."""
     client = default_inject_server.client()
-    messages = D.openai_messages(serve_samples[2], with_instruction=False)
+    messages = openai_messages(serve_samples[2], with_instruction=False)
 
     def ask(extra):
         return client.chat.completions.with_raw_response.create(
@@ -132,9 +131,7 @@ def test_default_steer_and_injected_instruction(default_inject_server, tiny_llav
     assert defaulted.headers["x-modality-steer"].startswith("mode=image; gain=3")
     assert "x-modality-steer" not in off.headers
     assert served_steps(defaulted.parse()) == served_steps(explicit.parse())
-    sentence_tokens = len(
-        toy.build_tokenizer()(D.INSTRUCTIONS["image"], add_special_tokens=False)["input_ids"]
-    )
+    sentence_tokens = len(build_tokenizer()(INSTRUCTIONS["image"], add_special_tokens=False)["input_ids"])
     assert defaulted.parse().usage.prompt_tokens == off.parse().usage.prompt_tokens + sentence_tokens
 
 
@@ -158,10 +155,10 @@ def test_streaming_and_n_greater_than_one_stay_enforced(
 ):
     client = enforced_server.client()
     sample = serve_samples[3]
-    expected = reference_steps(hf.load_model(tiny_llava), load_profile(llava_profile), sample, "text")
+    expected = reference_steps(load_model(tiny_llava), load_profile(llava_profile), sample, "text")
     common = {
         "model": str(tiny_llava),
-        "messages": D.openai_messages(sample),
+        "messages": openai_messages(sample),
         "max_tokens": len(expected),
         "temperature": 0,
         "logprobs": True,

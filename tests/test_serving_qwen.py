@@ -14,20 +14,21 @@ from helpers import (
     write_profile,
 )
 
-from steer_server import hf, toy
+from steer_server.hf.model import load_model
 from steer_server.profile import load_profile
+from steer_server.toy.model import build_random_qwen2_vl
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory):
-    return toy.build_random_qwen2_vl(tmp_path_factory.mktemp("serve-qwen"), seed=3)
+    return build_random_qwen2_vl(tmp_path_factory.mktemp("serve-qwen"), seed=3)
 
 
 @pytest.mark.parametrize("steer", SPECS, ids=SPEC_IDS)
 def test_qwen2_vl_matches_transformers_reference(qwen_server, tiny_qwen, qwen_profile, serve_samples, steer):
-    reference = hf.load_model(tiny_qwen)
+    reference = load_model(tiny_qwen)
     profile = load_profile(qwen_profile)
     for sample in serve_samples[:3]:
         got = served_steps(

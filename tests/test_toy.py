@@ -6,18 +6,21 @@ import json
 
 import pytest
 
-from steer_server import toy
+from steer_server.data.synth import SynthSpec, synth_records
+from steer_server.toy.card import _target_verdict, evaluate
+from steer_server.toy.model import ToyArchitecture, toy_model_dir
+from steer_server.toy.training import Recipe, _training_gains, example_for
 
 
 @pytest.fixture(scope="module")
 def toy_report(toy_test_split):
-    return toy.evaluate(toy.toy_model_dir(), data=toy_test_split)
+    return evaluate(toy_model_dir(), data=toy_test_split)
 
 
 def test_checkpoint_is_complete_and_small():
     from transformers import LlavaForConditionalGeneration
 
-    folder = toy.toy_model_dir()
+    folder = toy_model_dir()
     weights = folder / "model.safetensors"
     assert weights.stat().st_size <= 30 * 2**20
     model, info = LlavaForConditionalGeneration.from_pretrained(str(folder), output_loading_info=True)
@@ -35,12 +38,12 @@ def test_failures_are_arbitration_failures(toy_report):
 
 
 def test_model_card_states_what_we_measure(toy_report):
-    card = json.loads((toy.toy_model_dir() / "evaluation.json").read_text())
+    card = json.loads((toy_model_dir() / "evaluation.json").read_text())
     for key in ("mf_ratio", "control_accuracy", "preference_image_share_without_instruction"):
         assert card[key] == pytest.approx(toy_report[key], abs=1e-9), key
     assert card["mf_ratio_by_follow"] == pytest.approx(toy_report["mf_ratio_by_follow"], abs=1e-9)
-    readme = (toy.toy_model_dir() / "README.md").read_text()
-    assert toy._target_verdict(toy_report) in readme
+    readme = (toy_model_dir() / "README.md").read_text()
+    assert _target_verdict(toy_report) in readme
     for mode in ("image", "text"):
         assert f'"rely on the {mode}" | {toy_report["mf_ratio_by_follow"][mode]:.3f}' in readme
 
@@ -55,10 +58,8 @@ def test_training_labels_follow_the_designed_arbitration():
     controls and uninstructed conflicts do not depend on the gains."""
     import random
 
-    from steer_server import data as D
-
-    recipe = toy.Recipe()
-    records = D.synth_records(400, 3, prefix="t", spec=D.SynthSpec(salient_share=0.5))
+    recipe = Recipe()
+    records = synth_records(400, 3, prefix="t", spec=SynthSpec(salient_share=0.5))
     rng = random.Random(0)
 
     def salient(record, mode):
@@ -85,7 +86,7 @@ def test_training_labels_follow_the_designed_arbitration():
         )
         instructed = {"image": "answer_image", "text": "answer_text"}
         for record, pull in ((hard, recipe.high_pull), (easy, recipe.low_pull)):
-            example = toy.example_for(record, with_instruction=True, recipe=recipe, rng=rng)
+            example = example_for(record, with_instruction=True, recipe=recipe, rng=rng)
             assert example.pull == pull
             win = getattr(record.sample, instructed[mode])[0]
             lose = getattr(record.sample, instructed[other(mode)])[0]
@@ -96,7 +97,7 @@ def test_training_labels_follow_the_designed_arbitration():
     control = _first(records, lambda r: r.sample.kind == "control")
     uninstructed = _first(records, lambda r: r.sample.kind == "conflict")
     for record, flag in ((control, True), (uninstructed, False)):
-        example = toy.example_for(record, with_instruction=flag, recipe=recipe, rng=rng)
+        example = example_for(record, with_instruction=flag, recipe=recipe, rng=rng)
         assert {example.target_at({"image": g, "text": g}) for g in (0.0, 1.0, 2.0)} == {example.target}
 
 
@@ -104,9 +105,9 @@ def test_training_gains_scale_each_instructions_heads_together():
     """Each instruction's heads share one drawn gain per sample; the draw has the recipe's shares of 0, 1, 2."""
     import torch
 
-    recipe = toy.Recipe()
+    recipe = Recipe()
     torch.manual_seed(0)
-    gains, arbitration = toy._training_gains(4000, toy.ToyArchitecture(), recipe)
+    gains, arbitration = _training_gains(4000, ToyArchitecture(), recipe)
     for mode in ("image", "text"):
         drawn = torch.tensor([row[mode] for row in arbitration])
         for layer, head in recipe.heads_of(mode):

@@ -10,8 +10,11 @@ import math
 import pytest
 from PIL import Image
 
-from steer_server import data as D
-from steer_server import hf, toy
+from steer_server.data.prompts import openai_messages
+from steer_server.data.schema import LoadedSample
+from steer_server.hf.model import encode, last_position_logits, load_model
+from steer_server.toy.model import toy_model_dir
+from steer_server.toy.tokenizer import IMAGE_SEQ_LENGTH
 
 pytestmark = pytest.mark.vllm
 
@@ -41,7 +44,7 @@ def test_tiny_random_llava_generates(tiny_llava_server, tiny_llava):
     assert chat.choices[0].message.content.strip()
     assert chat.usage.completion_tokens == 6
     # USER : <image> x16 (the placeholder expanded to the vision tower's patches), 6 words, ASSISTANT :
-    assert chat.usage.prompt_tokens == 2 + toy.IMAGE_SEQ_LENGTH + 6 + 2
+    assert chat.usage.prompt_tokens == 2 + IMAGE_SEQ_LENGTH + 6 + 2
     text = client.completions.create(
         model=str(tiny_llava),
         prompt="USER: What shape is the object? ASSISTANT:",
@@ -51,10 +54,10 @@ def test_tiny_random_llava_generates(tiny_llava_server, tiny_llava):
     assert text.choices[0].text.strip() and text.usage.completion_tokens == 4
 
 
-def _vllm_first_token(server, loaded: D.LoadedSample) -> tuple[str, dict[str, float]]:
+def _vllm_first_token(server, loaded: LoadedSample) -> tuple[str, dict[str, float]]:
     reply = server.client().chat.completions.create(
-        model=str(toy.toy_model_dir()),
-        messages=D.openai_messages(loaded),
+        model=str(toy_model_dir()),
+        messages=openai_messages(loaded),
         max_tokens=1,
         temperature=0,
         logprobs=True,
@@ -66,11 +69,11 @@ def _vllm_first_token(server, loaded: D.LoadedSample) -> tuple[str, dict[str, fl
 
 def test_toy_vllm_and_transformers_agree(toy_server, toy_test_samples):
     chosen = toy_test_samples[:48]
-    loaded = hf.load_model(toy.toy_model_dir())
+    loaded = load_model(toy_model_dir())
     import torch
 
     with torch.inference_mode():
-        logits = hf.last_position_logits(loaded, hf.encode(loaded, chosen))
+        logits = last_position_logits(loaded, encode(loaded, chosen))
     reference = torch.log_softmax(logits, dim=-1)
     tokenizer = loaded.processor.tokenizer
     for row, sample in enumerate(chosen):

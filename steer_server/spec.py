@@ -1,4 +1,5 @@
-"""The `modality_steer` request parameter and what it means: one source of truth.
+"""The `modality_steer` request parameter, its parsing and the gains it means: the one source of truth
+for the API server, the EngineCore, the workers, the analysis and the transformers reference.
 
 Accepted forms (a JSON value, or that value as a string, as in `vllm_xargs`):
 - ``"off"``; ``"image"`` / ``"text"``: the profile's heads for that mode get the profile's `default_gain`;
@@ -17,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .geometry import ModelGeometry
 from .profile import Profile
 
 Mode = Literal["off", "image", "text", "heads"]
@@ -28,13 +30,15 @@ class SpecError(ValueError):
 
 
 @dataclass(frozen=True)
-class Geometry:
-    num_layers: int
-    num_heads: int
-
-
-@dataclass(frozen=True)
 class SteerSpec:
+    """A parsed, validated `modality_steer` value.
+
+    Attributes:
+        mode: "off", "image", "text", or "heads" (explicit gains).
+        gain: the gain of the mode's heads; None means the profile's `default_gain`.
+        heads: for mode "heads", (layer, head, gain) triples in global indices.
+    """
+
     mode: Mode
     gain: float | None = None  # None: the profile's default_gain (modes image/text)
     heads: tuple[tuple[int, int, float], ...] = ()
@@ -48,6 +52,7 @@ class SteerSpec:
         return json.dumps({"follow": self.mode, "gain": self.gain}, separators=(",", ":"))
 
     def describe(self) -> str:
+        """Short label for logs: ``off``, ``image:default``, ``text:0``, ``heads:3``."""
         if self.mode in ("image", "text"):
             return f"{self.mode}:{'default' if self.gain is None else format(self.gain, 'g')}"
         if self.mode == "heads":
@@ -70,9 +75,17 @@ def _gain(value: Any, where: str, max_gain: float) -> float:
 
 
 def parse_spec(
-    value: Any, *, geometry: Geometry, max_gain: float = DEFAULT_MAX_GAIN, allow_raw_heads: bool = False
+    value: Any, *, geometry: ModelGeometry, max_gain: float = DEFAULT_MAX_GAIN, allow_raw_heads: bool = False
 ) -> SteerSpec:
-    """Validate one request's `modality_steer` value; raise SpecError with a message for the client."""
+    """Validate one request's `modality_steer` value (a JSON value, or a string as in `vllm_xargs`).
+
+    Raw heads are checked against `geometry` (global indices); every gain must be finite and lie in
+    ``[0, max_gain]``.
+
+    Raises:
+        SpecError: the value is malformed, out of range, or raw heads are not allowed; the message is
+            written for the client.
+    """
     if isinstance(value, str):
         text = value.strip()
         if text in ("off", "image", "text"):
@@ -100,8 +113,8 @@ def parse_spec(
     raise SpecError(f"unknown keys {sorted(keys)}; use {{'follow', 'gain'}} or {{'heads'}}")
 
 
-def _raw_heads(items: Any, geometry: Geometry, max_gain: float) -> tuple[tuple[int, int, float], ...]:
-    limit = geometry.num_layers * geometry.num_heads
+def _raw_heads(items: Any, geometry: ModelGeometry, max_gain: float) -> tuple[tuple[int, int, float], ...]:
+    limit = geometry.total_heads
     if not isinstance(items, list) or not items:
         raise SpecError("heads must be a non-empty list of [layer, head, gain]")
     if len(items) > limit:
@@ -128,7 +141,7 @@ def _raw_heads(items: Any, geometry: Geometry, max_gain: float) -> tuple[tuple[i
     return tuple(parsed)
 
 
-def spec_json_schema(*, geometry: Geometry, max_gain: float, allow_raw_heads: bool) -> dict[str, Any]:
+def spec_json_schema(*, geometry: ModelGeometry, max_gain: float, allow_raw_heads: bool) -> dict[str, Any]:
     """JSON Schema of the `modality_steer` request field on this server (for its OpenAPI document)."""
     follow = {
         "type": "object",
@@ -141,7 +154,7 @@ def spec_json_schema(*, geometry: Geometry, max_gain: float, allow_raw_heads: bo
     }
     forms: list[dict[str, Any]] = [{"type": "string", "enum": ["off", "image", "text"]}, follow]
     if allow_raw_heads:
-        limit = geometry.num_layers * geometry.num_heads
+        limit = geometry.total_heads
         head = {
             "type": "array",
             "prefixItems": [
@@ -174,7 +187,11 @@ def spec_json_schema(*, geometry: Geometry, max_gain: float, allow_raw_heads: bo
 
 
 def effective_gains(spec: SteerSpec, profile: Profile | None) -> dict[tuple[int, int], float]:
-    """(layer, head) → gain for every head the spec changes (heads at gain 1 are left out)."""
+    """(layer, head) → gain for every head the spec changes (heads at gain 1 are left out).
+
+    Raises:
+        SpecError: mode "image" or "text" without a profile.
+    """
     if spec.mode == "off":
         return {}
     if spec.mode == "heads":
@@ -188,16 +205,21 @@ def effective_gains(spec: SteerSpec, profile: Profile | None) -> dict[tuple[int,
 
 
 def gains_digest(gains: dict[tuple[int, int], float]) -> str:
-    """A short, canonical digest of the effective gains (for prefix-cache salts and slot sharing)."""
+    """16 hex digits of SHA-256 over the canonical (sorted) gains: equal for equal gains, whatever the
+    spec's form; used for prefix-cache salts and slot sharing."""
     canonical = ";".join(f"{layer}.{head}={gain!r}" for (layer, head), gain in sorted(gains.items()))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def gains_matrix(gains: dict[tuple[int, int], float], num_layers: int, num_heads: int) -> Any:
-    """[layers, heads] float32 tensor of gains, ones elsewhere."""
+def gains_matrix(gains: dict[tuple[int, int], float], geometry: ModelGeometry) -> Any:
+    """A `torch.Tensor` [num_layers, num_heads] float32 of the gains, ones elsewhere.
+
+    Raises:
+        IndexError: a (layer, head) outside `geometry`.
+    """
     import torch
 
-    table = torch.ones(num_layers, num_heads, dtype=torch.float32)
+    table = torch.ones(geometry.num_layers, geometry.num_heads, dtype=torch.float32)
     for (layer, head), gain in gains.items():
         table[layer, head] = gain
     return table

@@ -21,30 +21,31 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import data as D
-from . import toy
-from .engine import VllmServer
-from .eval import ExtraBody, served_answers
-from .profile import MODES, Profile, load_profile
+from ..data.schema import LoadedSample, Sample, load_samples
+from ..data.scoring import is_success, mf_ratio_of
+from ..profile import MODES, Profile, load_profile
+from ..serving.launcher import VllmServer
+from ..toy.card import EVAL_N, EVAL_SEED, held_out_test_split
+from ..toy.model import toy_model_dir
+from .endpoint import ExtraBody, served_answers
 
 TOY_PROFILE = "toy-llava.json"
 
 
 def toy_profile_path() -> Path:
-    return Path(str(resources.files("steer_server") / "profiles" / TOY_PROFILE))
+    """The shipped profile of the embedded toy model (package data)."""
+    return Path(str(resources.files("steer_server.profiles") / TOY_PROFILE))
 
 
-def _follows(samples: Sequence[D.LoadedSample], answers: dict[str, str]) -> dict[str, bool]:
-    return {s.sample.id: D.is_success(s.sample, answers[s.sample.id]) for s in samples}
+def _follows(samples: Sequence[LoadedSample], answers: dict[str, str]) -> dict[str, bool]:
+    return {s.sample.id: is_success(s.sample, answers[s.sample.id]) for s in samples}
 
 
-def _mode_mean(samples: Sequence[D.LoadedSample], hits: dict[str, bool]) -> float:
-    """Mean over the two instructions of each one's MF ratio (as the profile's validation reports it)."""
-    ratios = []
-    for mode in MODES:
-        chosen = [s.sample.id for s in samples if s.sample.follow == mode]
-        ratios.append(sum(hits[i] for i in chosen) / len(chosen))
-    return sum(ratios) / len(ratios)
+def _mf(samples: Sequence[LoadedSample], hits: dict[str, bool]) -> float:
+    ratio = mf_ratio_of([s.sample for s in samples], [hits[s.sample.id] for s in samples])
+    if ratio is None:
+        raise RuntimeError("the demo's data has no conflict samples")
+    return ratio
 
 
 class _Arms:
@@ -53,7 +54,7 @@ class _Arms:
         self.model = model
         self.concurrency = concurrency
 
-    def run(self, samples: Sequence[D.LoadedSample], body: ExtraBody, name: str) -> dict[str, str]:
+    def run(self, samples: Sequence[LoadedSample], body: ExtraBody, name: str) -> dict[str, str]:
         if not samples:
             return {}
         result = served_answers(
@@ -74,14 +75,14 @@ class _Arms:
 
 
 def _own_heads(gain: float) -> ExtraBody:
-    def body(sample: D.Sample) -> dict[str, Any]:
+    def body(sample: Sample) -> dict[str, Any]:
         return {"modality_steer": {"follow": sample.follow, "gain": gain}}
 
     return body
 
 
 def _raw_heads(heads_by_mode: dict[str, list[list[int]]]) -> ExtraBody:
-    def body(sample: D.Sample) -> dict[str, Any]:
+    def body(sample: Sample) -> dict[str, Any]:
         return {
             "modality_steer": {"heads": [[layer, head, 0.0] for layer, head in heads_by_mode[sample.follow]]}
         }
@@ -90,7 +91,7 @@ def _raw_heads(heads_by_mode: dict[str, list[list[int]]]) -> ExtraBody:
 
 
 def measure(
-    server: VllmServer, model: str, samples: Sequence[D.LoadedSample], profile: Profile, concurrency: int
+    server: VllmServer, model: str, samples: Sequence[LoadedSample], profile: Profile, concurrency: int
 ) -> dict[str, Any]:
     arms = _Arms(server, model, concurrency)
     conflicts = [s for s in samples if s.sample.kind == "conflict"]
@@ -104,7 +105,7 @@ def measure(
     for draw in range(len(draws[0])):
         heads = {mode: draws[index][draw] for index, mode in enumerate(MODES)}
         random_ratios.append(
-            _mode_mean(
+            _mf(
                 conflicts,
                 _follows(conflicts, arms.run(conflicts, _raw_heads(heads), f"block random {draw + 1}")),
             )
@@ -122,8 +123,8 @@ def measure(
         return sum(hits.values()) / len(hits) if hits else None
 
     return {
-        "baseline": {"mf_ratio": _mode_mean(conflicts, baseline)},
-        "block_top": {"mf_ratio": _mode_mean(conflicts, block_top)},
+        "baseline": {"mf_ratio": _mf(conflicts, baseline)},
+        "block_top": {"mf_ratio": _mf(conflicts, block_top)},
         "block_random": {"mf_ratio": sum(random_ratios) / len(random_ratios), "draws": random_ratios},
         "amplify": {
             "gain": profile.default_gain,
@@ -193,15 +194,15 @@ def table(offline: dict[str, Any], served: dict[str, Any]) -> str:
 
 def run_demo(out: Path, *, concurrency: int = 16) -> dict[str, Any]:
     started = time.monotonic()
-    model_dir = toy.toy_model_dir()
+    model_dir = toy_model_dir()
     profile_path = toy_profile_path()
     profile = load_profile(profile_path)
     with tempfile.TemporaryDirectory() as scratch:
         print(
-            f"[1/3] held-out test split (n={toy.EVAL_N}, seed={toy.EVAL_SEED}) and profile {profile.profile_id}",
+            f"[1/3] held-out test split (n={EVAL_N}, seed={EVAL_SEED}) and profile {profile.profile_id}",
             flush=True,
         )
-        samples = D.load_samples(toy.held_out_test_split(Path(scratch)))
+        samples = load_samples(held_out_test_split(Path(scratch)))
         print("[2/3] starting modality-steer serve (vLLM, CPU; about a minute)", flush=True)
         server = VllmServer(
             model_dir,
@@ -217,7 +218,7 @@ def run_demo(out: Path, *, concurrency: int = 16) -> dict[str, Any]:
         "model": str(model_dir),
         "profile": str(profile_path),
         "profile_id": profile.profile_id,
-        "data": f"synthetic test split (n={toy.EVAL_N}, seed={toy.EVAL_SEED})",
+        "data": f"synthetic test split (n={EVAL_N}, seed={EVAL_SEED})",
         "served": served,
         "transformers": offline,
         "seconds": round(time.monotonic() - started, 1),

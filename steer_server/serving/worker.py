@@ -1,19 +1,11 @@
-"""vLLM general plugin (`vllm.general_plugins` → `modality_steer`): per-request head gains.
+"""What runs in each vLLM worker: per-request head gains applied right after the attention backend.
 
-vLLM calls :func:`register` once in every process (API server, EngineCore, each worker). It is cheap and
-idempotent: with no profile configured it does nothing; with one it patches three places:
-
-- model runner (workers): after the model loads, wrap each steered decoder layer's attention backend so
-  that right after it writes its output ([tokens, local_heads, head_dim], before `o_proj`) the
-  head-scaling kernel multiplies the heads by `table[slot[token], head]`; before each forward, fill the
-  token → slot map from the batch's requests. Tables and the slot map are persistent buffers (CUDA graphs).
-- EngineCore: fold a digest of the request's effective steering into its `cache_salt`, so prefix-cache
-  blocks are shared only between requests with identical steering.
-- API server: the request validation and policy live in :mod:`steer_server.server`'s middleware, which
-  `modality-steer serve` installs; a plain vLLM launch with a profile gets it through the same patch.
-
-Configuration comes from the environment (so that every spawned process sees the same), set by
-`modality-steer serve` or by hand for a plain launch.
+After the model loads, each steered decoder layer's attention backend is wrapped so that right after it
+writes its output ([tokens, local_heads, head_dim], before `o_proj`) the head-scaling kernel multiplies
+the heads by ``table[slot[token], head]``; before each forward, the token → slot map is filled from the
+batch's requests (`vllm/v1/worker/gpu_model_runner.py`, `_prepare_inputs`). Tables and the slot map are
+persistent buffers (CUDA graphs replay them). Slots are reference-counted by gains digest and freed when
+requests leave the runner (`_update_states`).
 """
 
 from __future__ import annotations
@@ -21,104 +13,25 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .profile import Profile, ProfileError, load_profile, model_fingerprint
-from .steering import DEFAULT_MAX_GAIN, Geometry, SpecError, effective_gains, gains_digest, parse_spec
+from ..profile import model_fingerprint
+from ..spec import SpecError, gains_digest
+from .settings import EXTRA_ARGS_KEY, WORKER_STATE_METHOD, PluginSettings, SteeringConfigError, settings
 
-PROFILE_ENV = "MODALITY_STEER_PROFILE"
-MAX_GAIN_ENV = "MODALITY_STEER_MAX_GAIN"
-ALLOW_RAW_HEADS_ENV = "MODALITY_STEER_ALLOW_RAW_HEADS"
-ENTRY_POINT_GROUP = "vllm.general_plugins"
-ENTRY_POINT_NAME = "modality_steer"
-EXTRA_ARGS_KEY = "modality_steer"
 # Decoder self-attention layers of the language model; vision towers use other module classes/names.
 DECODER_ATTENTION = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.attn$")
 
 logger = logging.getLogger("modality_steer")
 
 
-class SteeringConfigError(RuntimeError):
-    """The deployment cannot steer as configured; the engine must not start (never serve unsteered)."""
+def select_v1_runner() -> None:
+    """Select vLLM's V1 model runner (the one whose hooks this module wraps), or refuse a V2 request.
 
-
-WORKER_STATE_METHOD = "modality_steer_state"
-
-
-@dataclass(frozen=True)
-class PluginSettings:
-    profile_path: Path
-    profile: Profile
-    max_gain: float
-    allow_raw_heads: bool
-
-    @property
-    def geometry(self) -> Geometry:
-        return Geometry(self.profile.model.num_layers, self.profile.model.num_heads)
-
-    def gains_for(self, spec_text: str | None) -> dict[tuple[int, int], float]:
-        """Effective gains of a request's canonical spec (as the API server stored it)."""
-        if spec_text is None:
-            return {}
-        spec = parse_spec(
-            spec_text, geometry=self.geometry, max_gain=self.max_gain, allow_raw_heads=self.allow_raw_heads
-        )
-        return effective_gains(spec, self.profile)
-
-
-@cache
-def settings() -> PluginSettings | None:
-    """The deployment's settings from the environment; None when no profile is configured."""
-    path = os.environ.get(PROFILE_ENV)
-    if not path:
-        return None
-    try:
-        profile = load_profile(path)
-    except ProfileError as exc:
-        raise SteeringConfigError(f"modality-steer: cannot use the profile: {exc}") from exc
-    try:
-        max_gain = float(os.environ.get(MAX_GAIN_ENV, DEFAULT_MAX_GAIN))
-    except ValueError as exc:
-        raise SteeringConfigError(f"{MAX_GAIN_ENV} must be a number") from exc
-    return PluginSettings(
-        profile_path=Path(path),
-        profile=profile,
-        max_gain=max_gain,
-        allow_raw_heads=os.environ.get(ALLOW_RAW_HEADS_ENV, "0") == "1",
-    )
-
-
-_REGISTERED = False
-
-
-def register() -> None:
-    """vLLM entry point: patch the model runner, EngineCore and API server when a profile is configured."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    current = settings()  # a broken profile stops every process here, before anything is served
-    if current is None:
-        return
-    _select_v1_runner()
-    _patch_model_runner()
-    _patch_engine_core_request()
-    from .server import patch_api_server
-
-    patch_api_server()
-    _REGISTERED = True
-
-
-def entry_point_registered() -> bool:
-    """Whether the installed distribution exposes the entry point vLLM looks for."""
-    from importlib.metadata import entry_points
-
-    return any(ep.name == ENTRY_POINT_NAME for ep in entry_points(group=ENTRY_POINT_GROUP))
-
-
-def _select_v1_runner() -> None:
+    Raises:
+        SteeringConfigError: VLLM_USE_V2_MODEL_RUNNER asks for V2.
+    """
     # The GPU V2 runner keeps no sampling params per request and may replay a full CUDA graph with no
     # Python in the forward; this plugin steers through the V1 runner, so it selects it, loudly.
     value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
@@ -130,11 +43,6 @@ def _select_v1_runner() -> None:
     if value is None:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         logger.warning("modality-steer: selected vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
-
-
-# --------------------------------------------------------------------------------------------------
-# Workers.
-# --------------------------------------------------------------------------------------------------
 
 
 class WorkerSteering:
@@ -342,7 +250,7 @@ def _wrap_attention(layer: Any, state: WorkerSteering, table: Any) -> None:
     """Scale this layer's heads right after its attention backend writes `output`."""
     import torch
 
-    from .kernels.head_scale import head_scale_
+    from ..kernels.head_scale import head_scale_
 
     impl = layer.impl
     original = impl.forward
@@ -367,7 +275,9 @@ def _wrap_attention(layer: Any, state: WorkerSteering, table: Any) -> None:
     impl.forward = forward
 
 
-def _patch_model_runner() -> None:
+def patch_model_runner() -> None:
+    """Wrap the model runners' `load_model`, `_prepare_inputs` and `_update_states`, and add the state
+    method to the workers (idempotent)."""
     from vllm.v1.worker import gpu_model_runner
 
     runner_classes: list[Any] = [gpu_model_runner.GPUModelRunner]
@@ -438,37 +348,3 @@ def _before_forward(original: Any) -> Any:
 
     prepare_inputs._modality_steer = True  # type: ignore[attr-defined]
     return prepare_inputs
-
-
-# --------------------------------------------------------------------------------------------------
-# EngineCore: prefix-cache isolation.
-# --------------------------------------------------------------------------------------------------
-
-
-def steering_salt(existing: str | None, digest: str) -> str:
-    """Fold the steering digest into a request's cache salt (<= 128 chars, no '@', '/', '\\' or NUL)."""
-    salt = f"{existing}.ms{digest}" if existing else f"ms{digest}"
-    if len(salt) > 128:
-        raise SpecError("cache_salt is too long to carry the steering digest (128 characters at most)")
-    return salt
-
-
-def _patch_engine_core_request() -> None:
-    from vllm.v1.request import Request
-
-    original = Request.from_engine_core_request.__func__  # type: ignore[attr-defined]
-    if getattr(original, "_modality_steer", False):
-        return
-
-    def from_engine_core_request(cls: Any, request: Any, block_hasher: Any) -> Any:
-        plugin = settings()
-        params = request.sampling_params
-        extra = (getattr(params, "extra_args", None) or {}) if params is not None else {}
-        if plugin is not None and EXTRA_ARGS_KEY in extra:
-            gains = plugin.gains_for(extra[EXTRA_ARGS_KEY])
-            if gains:
-                request.cache_salt = steering_salt(request.cache_salt, gains_digest(gains))
-        return original(cls, request, block_hasher)
-
-    from_engine_core_request._modality_steer = True  # type: ignore[attr-defined]
-    Request.from_engine_core_request = classmethod(from_engine_core_request)  # type: ignore[method-assign,assignment]

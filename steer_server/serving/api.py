@@ -1,30 +1,23 @@
-"""API-server side: the `modality_steer` request parameter, the deployment's policy, headers and metrics.
+"""What runs in the API server: the `modality_steer` request parameter, the policy's HTTP answers, the
+response header, metrics, the OpenAPI document and the state endpoint.
 
 One ASGI middleware in front of `/v1/chat/completions` and `/v1/completions` reads `modality_steer` from
-the top level of the JSON body or from `vllm_xargs["modality_steer"]` (same validation for both), applies
-`--default-steer` / `--enforce-steer`, and hands the engine one canonical string in `vllm_xargs`, where
-vLLM carries it to the workers as `SamplingParams.extra_args`. Anything it cannot accept is answered
-here, in the OpenAI error shape, before vLLM sees the request: nothing is ever served unsteered in place
-of what was asked or enforced.
+the top level of the JSON body or from `vllm_xargs["modality_steer"]` (same validation for both),
+applies the deployment's :class:`~steer_server.serving.policy.Policy`, and hands the engine one canonical
+string in `vllm_xargs`, where vLLM carries it to the workers as `SamplingParams.extra_args`. Anything it
+cannot accept is answered here, in the OpenAI error shape.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
-from . import data as D
-from .steering import OFF, SpecError, SteerSpec, parse_spec, spec_json_schema
-from .vllm_plugin import EXTRA_ARGS_KEY, WORKER_STATE_METHOD, PluginSettings, settings
+from ..spec import SteerSpec, spec_json_schema
+from .policy import Policy, PolicyError, rewrite
+from .settings import EXTRA_ARGS_KEY, WORKER_STATE_METHOD, PluginSettings, settings
 
-DEFAULT_STEER_ENV = "MODALITY_STEER_DEFAULT"
-ENFORCE_STEER_ENV = "MODALITY_STEER_ENFORCE"
-INJECT_INSTRUCTION_ENV = "MODALITY_STEER_INJECT_INSTRUCTION"
-# The sentences --inject-instruction adds (default: the paper's wording, data.INSTRUCTIONS).
-INSTRUCTION_ENV = {"image": "MODALITY_STEER_INSTRUCTION_IMAGE", "text": "MODALITY_STEER_INSTRUCTION_TEXT"}
 STEERED_PATHS = ("/v1/chat/completions", "/v1/completions")
 # GET: the workers' steering state (slots held, requests tracked); under /v1 so that --api-key guards it.
 STATE_PATH = "/v1/modality_steer/state"
@@ -37,136 +30,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-class PolicyError(Exception):
-    """A request the deployment refuses: status 400 (malformed) or 403 (against policy)."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Policy:
-    plugin: PluginSettings
-    default: SteerSpec
-    enforce: SteerSpec | None
-    inject_instruction: bool
-    instructions: dict[str, str]
-
-    @classmethod
-    def from_environment(cls, plugin: PluginSettings) -> Policy:
-        def spec(env: str) -> SteerSpec | None:
-            raw = os.environ.get(env)
-            if not raw:
-                return None
-            try:
-                return parse_spec(
-                    raw, geometry=plugin.geometry, max_gain=plugin.max_gain, allow_raw_heads=True
-                )
-            except SpecError as exc:
-                raise SpecError(f"{env}={raw!r}: {exc}") from exc
-
-        enforce = spec(ENFORCE_STEER_ENV)
-        if enforce is not None and enforce.mode not in ("image", "text"):
-            raise SpecError(f"{ENFORCE_STEER_ENV} must be 'image' or 'text'")
-        return cls(
-            plugin=plugin,
-            default=spec(DEFAULT_STEER_ENV) or OFF,
-            enforce=enforce,
-            inject_instruction=os.environ.get(INJECT_INSTRUCTION_ENV, "0") == "1",
-            instructions={
-                mode: os.environ.get(env) or D.INSTRUCTIONS[mode] for mode, env in INSTRUCTION_ENV.items()
-            },
-        )
-
-    def parse(self, value: Any, *, allow_raw_heads: bool | None = None) -> SteerSpec:
-        allow = self.plugin.allow_raw_heads if allow_raw_heads is None else allow_raw_heads
-        try:
-            return parse_spec(
-                value, geometry=self.plugin.geometry, max_gain=self.plugin.max_gain, allow_raw_heads=allow
-            )
-        except SpecError as exc:
-            raise PolicyError(400, "invalid", str(exc)) from exc
-
-    def decide(self, payload: dict[str, Any]) -> SteerSpec:
-        """The spec a request runs with, or PolicyError."""
-        top_level = payload.get(EXTRA_ARGS_KEY)
-        xargs = payload.get("vllm_xargs")
-        if xargs is not None and not isinstance(xargs, dict):
-            raise PolicyError(400, "invalid", "vllm_xargs must be an object")
-        in_xargs = (xargs or {}).get(EXTRA_ARGS_KEY)
-        if top_level is not None and in_xargs is not None:
-            raise PolicyError(400, "invalid", "give modality_steer once: top level or vllm_xargs, not both")
-        if in_xargs is not None and not isinstance(in_xargs, str):
-            raise PolicyError(400, "invalid", "vllm_xargs.modality_steer must be a string (JSON for objects)")
-        asked = top_level if top_level is not None else in_xargs
-        if self.enforce is not None:
-            if asked is None:
-                return self.enforce
-            # Malformed is 400; anything well formed that differs from the enforced steering (raw heads
-            # included) is refused by policy.
-            requested = self.parse(asked, allow_raw_heads=True)
-            if requested != self.enforce:
-                raise PolicyError(
-                    403,
-                    "policy",
-                    f"this deployment enforces modality_steer={self.enforce.to_wire()!r}; the request asked for "
-                    f"{requested.to_wire()!r}",
-                )
-            return self.enforce
-        return self.parse(asked) if asked is not None else self.default
-
-
-def rewrite(payload: dict[str, Any], spec: SteerSpec, policy: Policy) -> dict[str, Any]:
-    """The body vLLM receives: no top-level field, the canonical spec in vllm_xargs, maybe the instruction."""
-    body = {k: v for k, v in payload.items() if k != EXTRA_ARGS_KEY}
-    xargs = {k: v for k, v in (body.get("vllm_xargs") or {}).items() if k != EXTRA_ARGS_KEY}
-    if spec.mode != "off":
-        xargs[EXTRA_ARGS_KEY] = spec.to_wire()
-    if xargs:
-        body["vllm_xargs"] = xargs
-    else:
-        body.pop("vllm_xargs", None)
-    if policy.inject_instruction and spec.mode in ("image", "text"):
-        _inject(body, policy.instructions[spec.mode])
-    return body
-
-
-def _inject(body: dict[str, Any], sentence: str) -> None:
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for message in reversed(messages):
-            if isinstance(message, dict) and message.get("role") == "user":
-                content = message.get("content")
-                if isinstance(content, str):
-                    message["content"] = f"{sentence}\n{content}"
-                elif isinstance(content, list):
-                    # After the image(s), before the text: the paper's layout puts the instruction there.
-                    first_text = next(
-                        (
-                            i
-                            for i, part in enumerate(content)
-                            if isinstance(part, dict) and part.get("type") == "text"
-                        ),
-                        len(content),
-                    )
-                    content.insert(first_text, {"type": "text", "text": sentence + "\n"})
-                return
-        raise PolicyError(
-            400, "invalid", "--inject-instruction needs a user message to add the instruction to"
-        )
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        body["prompt"] = f"{sentence}\n{prompt}"
-    elif isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-        body["prompt"] = [f"{sentence}\n{p}" for p in prompt]
-    else:
-        raise PolicyError(400, "invalid", "--inject-instruction works on text prompts only")
-
-
 # --------------------------------------------------------------------------------------------------
-# Metrics (default registry, which vLLM's /metrics serves; never the `vllm:` prefix, see design notes §4).
+# Metrics (default registry, which vLLM's /metrics serves; never the `vllm:` prefix, vLLM unregisters every `vllm:*` collector when its stat logger starts).
 # --------------------------------------------------------------------------------------------------
 
 

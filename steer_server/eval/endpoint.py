@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import data as D
-from .metrics_mf import mf_report
+from ..data.prompts import openai_messages
+from ..data.schema import LoadedSample, Sample
+from ..data.scoring import mf_report
 
 
 @dataclass
@@ -25,7 +26,7 @@ class ServedRun:
     latencies: list[float] = field(default_factory=list)
 
 
-ExtraBody = dict[str, Any] | Callable[[D.Sample], dict[str, Any] | None] | None
+ExtraBody = dict[str, Any] | Callable[[Sample], dict[str, Any] | None] | None
 
 
 def steer_body(spec: str) -> ExtraBody:
@@ -36,7 +37,7 @@ def steer_body(spec: str) -> ExtraBody:
     if spec == "instructed" or spec.startswith("instructed:"):
         gain = float(spec.split(":", 1)[1]) if ":" in spec else None
 
-        def per_sample(sample: D.Sample) -> dict[str, Any]:
+        def per_sample(sample: Sample) -> dict[str, Any]:
             value: Any = sample.follow if gain is None else {"follow": sample.follow, "gain": gain}
             return {"modality_steer": value}
 
@@ -46,13 +47,13 @@ def steer_body(spec: str) -> ExtraBody:
 
 
 def _ask(
-    client: Any, model: str, loaded: D.LoadedSample, max_tokens: int, extra_body: ExtraBody
+    client: Any, model: str, loaded: LoadedSample, max_tokens: int, extra_body: ExtraBody
 ) -> tuple[str, float]:
     body = extra_body(loaded.sample) if callable(extra_body) else extra_body
     started = time.perf_counter()
     reply = client.chat.completions.create(
         model=model,
-        messages=D.openai_messages(loaded),
+        messages=openai_messages(loaded),
         max_tokens=max_tokens,
         temperature=0,
         extra_body=body,
@@ -66,7 +67,7 @@ def _ask(
 def served_answers(
     client: Any,
     model: str,
-    samples: Sequence[D.LoadedSample],
+    samples: Sequence[LoadedSample],
     *,
     concurrency: int = 8,
     max_tokens: int = 8,
@@ -92,7 +93,7 @@ def served_answers(
     return run
 
 
-def served_report(samples: Sequence[D.LoadedSample], run: ServedRun) -> dict[str, Any]:
+def served_report(samples: Sequence[LoadedSample], run: ServedRun) -> dict[str, Any]:
     """MF figures over the samples that were answered, with the errors listed beside them."""
     answered = [s.sample for s in samples if s.sample.id in run.answers]
     report = mf_report(answered, [run.answers[s.id] for s in answered]).as_dict()

@@ -7,10 +7,10 @@ import math
 import pytest
 from helpers import MINIMAL_PROFILE
 
+from steer_server.geometry import ModelGeometry
 from steer_server.profile import Profile
-from steer_server.steering import (
+from steer_server.spec import (
     OFF,
-    Geometry,
     SpecError,
     SteerSpec,
     effective_gains,
@@ -19,7 +19,7 @@ from steer_server.steering import (
     parse_spec,
 )
 
-GEOMETRY = Geometry(num_layers=8, num_heads=8)
+GEOMETRY = ModelGeometry(architecture="LlavaForConditionalGeneration", num_layers=8, num_heads=8, head_dim=32)
 PROFILE = Profile.model_validate(
     {
         **MINIMAL_PROFILE,
@@ -108,6 +108,6 @@ def test_digest_is_canonical_and_distinguishes_configurations():
 
 
 def test_gains_matrix():
-    table = gains_matrix({(5, 3): 0.0, (1, 0): 2.0}, 8, 8)
+    table = gains_matrix({(5, 3): 0.0, (1, 0): 2.0}, GEOMETRY)
     assert table.shape == (8, 8) and table[5, 3] == 0.0 and table[1, 0] == 2.0
     assert int((table == 1.0).sum()) == 62

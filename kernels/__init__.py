@@ -1,0 +1,1 @@
+"""Kernels of modality-steer (installed as `steer_server.kernels`)."""

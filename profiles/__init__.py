@@ -1,0 +1,1 @@
+"""Shipped arbitration-head profiles (package data, installed as `steer_server.profiles`)."""

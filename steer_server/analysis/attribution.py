@@ -1,0 +1,74 @@
+"""Cheap ranking of every head at once: gradient x activation at `hook_z` (1 forward + 1 backward per
+sample), the first-order effect of zeroing a head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from ..geometry import ModelGeometry
+from ..hf.hooks import capture_head_outputs
+from ..hf.model import last_position_logits
+from .config import AnalysisError
+from .metric import Runner
+
+
+@contextmanager
+def _frozen_parameters(model: Any) -> Iterator[None]:
+    """Parameters need no gradient for attribution; restore each one's `requires_grad` afterwards."""
+    previous = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in previous:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in previous:
+            parameter.requires_grad_(flag)
+
+
+@contextmanager
+def _embeddings_as_leaf(model: Any) -> Iterator[None]:
+    """Make the input embeddings a leaf that requires grad, so the backward reaches every `hook_z`."""
+
+    def leaf(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return output.detach().requires_grad_(True)
+
+    handle = model.get_input_embeddings().register_forward_hook(leaf)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def attribution(runner: Runner, geometry: ModelGeometry, progress: bool) -> torch.Tensor:
+    """[N, L, H] predicted drop of the metric when each head is zeroed, to first order:
+    m - m(z_h = 0) ~ sum over positions of z_h . dm/dz_h, which is also exactly dm/dgain_h at gain 1.
+
+    `hook_z` is held only for the batch in flight and reduced to [B, L, H] after the backward.
+
+    Raises:
+        AnalysisError: the forward did not pass through every layer's `o_proj` once.
+    """
+    from tqdm import tqdm
+
+    model = runner.loaded.model
+    scores = []
+    with _frozen_parameters(model), _embeddings_as_leaf(model):
+        for start in tqdm(runner.starts(), desc="attribution (1F+1B)", disable=not progress, unit="batch"):
+            with capture_head_outputs(model) as captured, torch.enable_grad():
+                logits = last_position_logits(runner.loaded, runner.batch(start))
+                runner.metric(start, logits).sum().backward()
+            if len(captured) != geometry.num_layers:
+                raise AnalysisError(
+                    f"expected {geometry.num_layers} o_proj inputs per forward, saw {len(captured)}"
+                )
+            per_layer = []
+            for z in captured:
+                assert z.grad is not None
+                product = (z * z.grad).unflatten(-1, (geometry.num_heads, geometry.head_dim))  # [B, S, H, D]
+                per_layer.append(product.sum(dim=(1, 3)))
+            scores.append(torch.stack(per_layer, dim=1).detach().cpu())
+    return torch.cat(scores)

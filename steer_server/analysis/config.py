@@ -1,0 +1,58 @@
+"""The analysis' settings and its error type."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_GAINS = (1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+class AnalysisError(ValueError):
+    """Input the analysis cannot work with; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Settings of one analysis run (the CLI flags of `modality-steer analyze`).
+
+    Attributes:
+        top_frac: share of all heads selected per mode, in (0, 1] (the paper selects about 5%).
+        device: "cpu" or "cuda".
+        batch_size: samples per forward pass.
+        limit: use only the first N samples of each data file.
+        gains: the amplification gains swept in the validation.
+        random_draws: draws of as many random unselected heads for the control.
+        candidate_factor: exact ablation of `candidate_factor` x the number selected, best attributed first.
+        knockout_samples: conflict samples for the attention knockout.
+        knockout_window: layers cut at once (default: max(1, layers // 8)).
+        seed: seeds the random draws.
+        progress: show progress bars.
+    """
+
+    top_frac: float = 0.05
+    device: str = "cpu"
+    batch_size: int = 32
+    limit: int | None = None
+    gains: tuple[float, ...] = DEFAULT_GAINS
+    random_draws: int = 5
+    candidate_factor: int = 3
+    knockout_samples: int = 128
+    knockout_window: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raises:
+        AnalysisError: a setting out of range (named by its CLI flag).
+        """
+        if not 0 < self.top_frac <= 1:
+            raise AnalysisError(f"--top-frac must lie in (0, 1], got {self.top_frac}")
+        if self.batch_size < 1:
+            raise AnalysisError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise AnalysisError(f"--limit must be positive, got {self.limit}")
+        if self.random_draws < 1:
+            raise AnalysisError("at least one random draw is needed")
+        if any(not math.isfinite(g) or g < 0 for g in self.gains):
+            raise AnalysisError(f"gains must be finite and >= 0, got {self.gains}")

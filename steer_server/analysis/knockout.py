@@ -1,0 +1,131 @@
+"""Information flow: attention knockout between token groups over a sliding window of layers (the
+paper's analysis, arXiv 2602.03677 §3: shallow layers move image and text cues into the instruction
+tokens)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..architectures import image_token_id
+from ..data.prompts import FORMAT_CONSTRAINT, INSTRUCTIONS, chat_messages, context_line
+from ..data.schema import LoadedSample
+from ..data.scoring import mf_ratio_of
+from ..geometry import ModelGeometry
+from ..hf.hooks import knockout_attention
+from ..hf.model import LoadedModel
+from .config import AnalysisError
+from .metric import Runner
+
+GROUPS = ("image", "context", "instruction", "question", "last")
+KNOCKOUT_EDGES = (
+    ("image", "instruction"),
+    ("context", "instruction"),
+    ("image", "last"),
+    ("context", "last"),
+    ("instruction", "last"),
+    ("question", "last"),
+)
+
+
+def token_groups(
+    loaded: LoadedModel, samples: Sequence[LoadedSample], batch: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """[B, S] bool masks of each token group of a batch, located through the tokenizer's character
+    offsets of the rendered prompt (image tokens by the image token id).
+
+    Raises:
+        AnalysisError: the processor's tokens do not align with the prompt's.
+    """
+    processor = loaded.processor
+    tokenizer = processor.tokenizer
+    image_id = image_token_id(loaded.model.config)
+    ids = batch["input_ids"].cpu()
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    groups = {name: torch.zeros_like(ids, dtype=torch.bool) for name in GROUPS}
+    for row, loaded_sample in enumerate(samples):
+        sample = loaded_sample.sample
+        prompt = processor.apply_chat_template(
+            chat_messages(sample), add_generation_prompt=True, tokenize=False
+        )
+        encoded = tokenizer(prompt, return_offsets_mapping=True)
+        plain, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        spans = {
+            "context": _span(prompt, context_line(sample.context)) if sample.context else None,
+            "instruction": _span(prompt, INSTRUCTIONS[sample.follow]),
+            "question": _span(prompt, f"{sample.question} {FORMAT_CONSTRAINT}"),
+        }
+        expanded = ids[row, : int(lengths[row])].tolist()
+        j = 0
+        for pos, token in enumerate(expanded):
+            if j >= len(plain) or (token != plain[j] and token != image_id):
+                raise AnalysisError(
+                    f"sample {sample.id}: cannot align the processor's tokens with the prompt's"
+                )
+            if token == image_id:
+                groups["image"][row, pos] = True
+                run_continues = pos + 1 < len(expanded) and expanded[pos + 1] == image_id
+                if plain[j] == image_id and run_continues:
+                    continue
+            start, end = offsets[j]
+            for name, span in spans.items():
+                if span is not None and start < span[1] and end > span[0]:
+                    groups[name][row, pos] = True
+            j += 1
+        groups["last"][row, int(lengths[row]) - 1] = True
+    return groups
+
+
+def _span(text: str, part: str) -> tuple[int, int]:
+    start = text.find(part)
+    if start < 0:
+        raise AnalysisError(f"the prompt does not contain {part[:60]!r}")
+    return start, start + len(part)
+
+
+def knockout(runner: Runner, geometry: ModelGeometry, window: int, progress: bool) -> dict[str, Any]:
+    """Effect of cutting attention source → target (every edge of :data:`KNOCKOUT_EDGES`) over each
+    window of `window` consecutive layers: the mean change of the metric and the MF ratio, per window's
+    first layer."""
+    from tqdm import tqdm
+
+    def mf(follows: torch.Tensor) -> float | None:
+        return mf_ratio_of([s.sample for s in runner.samples], follows.tolist())
+
+    base = runner.score()
+    starts = list(range(0, geometry.num_layers - window + 1))
+    groups = {
+        start: token_groups(
+            runner.loaded, runner.samples[start : start + runner.batch_size], runner.batch(start)
+        )
+        for start in runner.starts()
+    }
+    edges: dict[str, Any] = {}
+    with tqdm(
+        total=len(KNOCKOUT_EDGES) * len(starts), desc="attention knockout", disable=not progress
+    ) as bar:
+        for source, target in KNOCKOUT_EDGES:
+            deltas, ratios = [], []
+            for first in starts:
+                layers = set(range(first, first + window))
+
+                def cut(
+                    start: int, layers: set[int] = layers, source: str = source, target: str = target
+                ) -> Any:
+                    blocked = groups[start][target][:, :, None] & groups[start][source][:, None, :]
+                    return knockout_attention(runner.loaded.model, layers, blocked)
+
+                scored = runner.score(intervention=cut)
+                deltas.append(float((scored.metric - base.metric).mean()))
+                ratios.append(mf(scored.follows))
+                bar.update(1)
+            edges[f"{source}->{target}"] = {"delta_metric": deltas, "mf_ratio": ratios}
+    return {
+        "window": window,
+        "samples": len(runner.samples),
+        "layers": starts,
+        "edges": edges,
+        "baseline_mf_ratio": mf(base.follows),
+    }

@@ -1,0 +1,67 @@
+"""Plots of an analysis: head attribution heatmaps and attention-knockout curves (PNG, matplotlib Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..profile import MODES, Profile
+
+
+def plot_heatmaps(profile: Profile, scores: dict[str, torch.Tensor], path: Path) -> None:
+    """Two heatmaps (one per mode) of the mean attribution [L, H], the selected heads boxed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
+    for axis, mode in zip(axes, MODES, strict=True):
+        table = scores[mode].numpy()
+        limit = float(abs(table).max()) or 1.0
+        image = axis.imshow(table, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+        for entry in profile.modes[mode].heads:  # type: ignore[index]
+            axis.add_patch(
+                Rectangle(
+                    (entry.head - 0.5, entry.layer - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.2
+                )
+            )
+        axis.set_title(f'"rely on the {mode}": head attribution (boxes: selected)')
+        axis.set_xlabel("head")
+        axis.set_ylabel("layer")
+        axis.set_xticks(range(table.shape[1]))
+        axis.set_yticks(range(table.shape[0]))
+        fig.colorbar(image, ax=axis, label="predicted drop of log p(instructed) - log p(competing)")
+    fig.suptitle(
+        f"{profile.model.architecture}: arbitration heads ({len(profile.heads('image'))} + {len(profile.heads('text'))} selected)"
+    )
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_knockout(flow: dict[str, Any], path: Path) -> None:
+    """Change of the metric and MF ratio per knocked-out window, one line per edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for edge, values in flow["edges"].items():
+        style = "-" if edge.endswith("instruction") else "--"
+        axes[0].plot(flow["layers"], values["delta_metric"], style, marker="o", label=edge)
+        axes[1].plot(flow["layers"], values["mf_ratio"], style, marker="o", label=edge)
+    axes[0].axhline(0, color="grey", linewidth=0.8)
+    axes[0].set_ylabel("change of log p(instructed) - log p(competing)")
+    axes[1].axhline(flow["baseline_mf_ratio"], color="grey", linewidth=0.8, label="no knockout")
+    axes[1].set_ylabel("MF ratio")
+    axes[1].set_ylim(0, 1.02)
+    for axis in axes:
+        axis.set_xlabel(f"first layer of the knocked-out window ({flow['window']} layer(s))")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Attention knockout between token groups ({flow['samples']} conflict samples)")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

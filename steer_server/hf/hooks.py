@@ -1,0 +1,155 @@
+"""Hook points into a transformers MLLM's language model: the one way the analysis, the toy model's
+training and the tests reach a head's output or cut attention.
+
+Two hook points, named as TransformerLens names them:
+
+- ``blocks.{layer}.attn.hook_z``: the per-head attention output, i.e. the input of the layer's `o_proj`
+  (``[batch, positions, heads * head_dim]``), reached by forward pre-hooks on `o_proj`
+  (:func:`~steer_server.architectures.o_proj_modules`). :func:`scale_heads` multiplies heads by gains
+  there (what the server applies); :func:`capture_head_outputs` keeps it with its gradient
+  (attribution).
+- ``blocks.{layer}.attn.hook_pattern``: which keys each query may attend to, reached by forward
+  pre-hooks on the self-attention module that replace its `attention_mask` argument
+  (:func:`knockout_attention`, the paper's attention knockout).
+
+Every function is a context manager: hooks are removed, and anything changed is restored, on exit,
+also when the body raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+
+from ..architectures import attention_modules, geometry_of, o_proj_modules
+
+
+@contextmanager
+def _hooks(modules: list[Any], make: Any, **options: Any) -> Iterator[None]:
+    with ExitStack() as stack:
+        for layer, module in enumerate(modules):
+            hook = make(layer)
+            if hook is not None:
+                stack.callback(module.register_forward_pre_hook(hook, **options).remove)
+        yield
+
+
+@contextmanager
+def scale_heads(model: Any, gains: torch.Tensor) -> Iterator[None]:
+    """Multiply each head's output at `hook_z` by its gain: 1 leaves a head alone, 0 blocks it.
+
+    Args:
+        gains: [layers, heads] (one setting for the batch) or [batch, layers, heads] (one per row).
+
+    Every layer is hooked, even at gain 1, so that "gain 1 is an exact no-op" is a property of the hook's
+    arithmetic and can be tested as such.
+
+    Raises:
+        ValueError: `gains` does not end in (layers, heads) of the model.
+    """
+    geometry = geometry_of(model.config)
+    expected = (geometry.num_layers, geometry.num_heads)
+    if tuple(gains.shape[-2:]) != expected:
+        raise ValueError(f"gains must end in {expected} (layers, heads), got {tuple(gains.shape)}")
+    table = gains.float()
+
+    def make(layer: int) -> Any:
+        def scale(module: Any, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            z = args[0]
+            heads = z.unflatten(-1, (geometry.num_heads, geometry.head_dim))
+            row = table[..., layer, :].to(z.device)
+            # [H] → [H, 1]; per batch row [B, H] → [B, 1, H, 1] (batch, positions, heads, head_dim)
+            shape = (row.shape[0], 1, -1, 1) if row.dim() == 2 else (-1, 1)
+            return ((heads.float() * row.reshape(shape)).to(z.dtype).flatten(-2), *args[1:])
+
+        return scale
+
+    with _hooks(o_proj_modules(model), make):
+        yield
+
+
+@contextmanager
+def capture_head_outputs(model: Any) -> Iterator[list[torch.Tensor]]:
+    """Collect `hook_z` of every layer, in forward order, with `retain_grad()` so that a backward pass
+    fills each tensor's `.grad` ([batch, positions, heads * head_dim] each). The list is filled by the
+    forward passes run inside the block."""
+    captured: list[torch.Tensor] = []
+
+    def make(layer: int) -> Any:
+        def keep(module: Any, args: tuple[torch.Tensor, ...]) -> None:
+            if args[0].requires_grad:
+                args[0].retain_grad()
+            captured.append(args[0])
+
+        return keep
+
+    with _hooks(o_proj_modules(model), make):
+        yield captured
+
+
+@contextmanager
+def knockout_attention(model: Any, layers: set[int], blocked: torch.Tensor) -> Iterator[None]:
+    """Cut attention from query positions to key positions in the given layers (the paper's attention
+    knockout): where ``blocked[b, q, k]`` is True, query q of row b does not attend to key k.
+
+    Args:
+        layers: decoder layer indices to cut in.
+        blocked: [batch, positions, positions] bool over the prompt; positions past its size (generated
+            tokens) are not cut.
+
+    The layer's own mask (causal, padding, sliding window) is kept and the cut added to it, in the format
+    the attention implementation expects (bool for SDPA, additive float for eager).
+
+    Raises:
+        RuntimeError: a hooked attention module was called without `hidden_states` or an
+            `attention_mask` argument.
+    """
+
+    def make(layer: int) -> Any:
+        if layer not in layers:
+            return None
+
+        def cut(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            if "attention_mask" not in kwargs:
+                raise RuntimeError(f"layer {layer}: the attention module got no attention_mask argument")
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if not isinstance(hidden, torch.Tensor):
+                raise RuntimeError(f"layer {layer}: the attention module got no hidden_states tensor")
+            mask = kwargs["attention_mask"]
+            kwargs["attention_mask"] = _with_cut(mask, blocked, hidden, model)
+            return args, kwargs
+
+        return cut
+
+    with _hooks(attention_modules(model), make, with_kwargs=True):
+        yield
+
+
+def _with_cut(mask: Any, blocked: torch.Tensor, hidden: torch.Tensor, model: Any) -> torch.Tensor:
+    batch, q_len = hidden.shape[0], hidden.shape[1]
+    device = hidden.device
+    if isinstance(mask, torch.Tensor):
+        k_len = mask.shape[-1]
+        allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+    else:
+        k_len = q_len
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+        allowed = allowed.expand(batch, q_len, k_len)
+    cut = torch.zeros(batch, q_len, k_len, dtype=torch.bool, device=device)
+    # Query rows are the last q_len positions of the k_len keys.
+    offset = k_len - q_len
+    rows = blocked[:, offset : offset + q_len, :k_len].to(device)
+    cut[:, : rows.shape[1], : rows.shape[2]] = rows
+    allowed = allowed & ~cut
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
+        additive = torch.zeros(allowed.shape, dtype=mask.dtype, device=device)
+        return additive.masked_fill(~allowed, torch.finfo(mask.dtype).min)[:, None]
+    if mask is None and model.config._attn_implementation == "eager":
+        dtype = hidden.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )[:, None]
+    return allowed[:, None]

@@ -1,0 +1,193 @@
+"""Load a supported MLLM with transformers, encode samples, and read the first answer token.
+
+Used by the toy model's training and card and by the offline analysis, so all of them encode and score
+a sample the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.prompts import chat_messages
+from ..data.schema import LoadedSample, Sample
+
+
+@dataclass
+class LoadedModel:
+    """A transformers model in eval mode, its processor, and the device it lives on."""
+
+    model: Any
+    processor: Any
+    device: torch.device
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint that does not load as its config describes it."""
+
+
+def load_model(model_dir: str | Path, *, device: str = "cpu") -> LoadedModel:
+    """Load model and processor in float32, eval mode, on `device`.
+
+    transformers re-initialises weights whose shapes disagree with the config and only warns; an analysis
+    of such a model would be meaningless, so any missing or mismatched weight is an error here.
+
+    Raises:
+        ModelLoadError: weights missing from the checkpoint or shaped unlike the config (names them).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    # ignore_mismatched_sizes only defers the refusal to the check below, which names the weights.
+    loaded: Any = AutoModelForImageTextToText.from_pretrained(
+        str(model_dir), dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    model, info = loaded
+    problems = [
+        f"{key} (shape differs from the config: checkpoint {tuple(saved)}, config {tuple(built)})"
+        for key, saved, built in info.get("mismatched_keys", [])
+    ]
+    problems += [f"{key} (missing from the checkpoint)" for key in info.get("missing_keys", [])]
+    if problems:
+        raise ModelLoadError(
+            f"{model_dir}: the checkpoint does not match its config ({len(problems)} weights): "
+            + "; ".join(sorted(problems)[:4])
+        )
+    model.to(device).eval()
+    return LoadedModel(model=model, processor=processor, device=torch.device(device))
+
+
+def load_image(path: Path | None) -> Any:
+    """The image file as an RGB PIL image (None for None)."""
+    from PIL import Image
+
+    if path is None:
+        return None
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def encode_prompts(
+    processor: Any,
+    samples: Sequence[Sample],
+    images: Sequence[Any],
+    *,
+    with_instruction: bool | Sequence[bool] = True,
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch (input_ids [B, S], attention_mask [B, S], pixel_values when any image) of the
+    samples' chat prompts (:func:`~steer_server.data.prompts.chat_messages` through the processor's chat
+    template, with the generation prompt). Right padding keeps each row's position ids those of a lone
+    prompt."""
+    flags = (
+        [with_instruction] * len(samples) if isinstance(with_instruction, bool) else list(with_instruction)
+    )
+    prompts = [
+        processor.apply_chat_template(
+            chat_messages(s, with_instruction=f), add_generation_prompt=True, tokenize=False
+        )
+        for s, f in zip(samples, flags, strict=True)
+    ]
+    present = [image for image in images if image is not None]
+    processor.tokenizer.padding_side = "right"
+    batch = processor(text=prompts, images=present or None, padding=True, return_tensors="pt")
+    return dict(batch)
+
+
+def encode(
+    loaded: LoadedModel, samples: Sequence[LoadedSample], *, with_instruction: bool = True
+) -> dict[str, torch.Tensor]:
+    """:func:`encode_prompts` of loaded samples (images read from disk), on the model's device."""
+    images = [load_image(s.image_path) for s in samples]
+    batch = encode_prompts(
+        loaded.processor, [s.sample for s in samples], images, with_instruction=with_instruction
+    )
+    return {key: value.to(loaded.device) for key, value in batch.items()}
+
+
+def last_position_logits(loaded: LoadedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, vocab] float32 logits at each prompt's last real token: the first answer token's distribution."""
+    logits = loaded.model(**batch).logits
+    last = batch["attention_mask"].sum(dim=1) - 1
+    return logits[torch.arange(logits.shape[0], device=logits.device), last].float()
+
+
+# Longest answer a greedy decode reads, in tokens (answers are "a single word or phrase").
+MAX_ANSWER_TOKENS = 8
+
+
+def answer_budget(tokenizer: Any, samples: Sequence[LoadedSample]) -> int:
+    """Tokens the longest candidate answer of the samples takes (after a space), at most
+    :data:`MAX_ANSWER_TOKENS`: how far a greedy answer must be decoded to be judged."""
+    budget = 1
+    for loaded in samples:
+        for form in [*loaded.sample.answer_image, *loaded.sample.answer_text]:
+            budget = max(budget, len(tokenizer(" " + form, add_special_tokens=False)["input_ids"]))
+    return min(budget, MAX_ANSWER_TOKENS)
+
+
+def greedy_decode(
+    loaded: LoadedModel, batch: dict[str, torch.Tensor], max_tokens: int
+) -> tuple[torch.Tensor, list[str]]:
+    """Greedy answers of a right-padded batch: the first answer token's logits [B, V] float32, and each
+    row's answer of up to `max_tokens` tokens (stopping at end of sequence), decoded and stripped.
+
+    Runs `max_tokens` forward passes without a KV cache (each new token goes at its row's end), so any
+    hook active around the call applies to every step.
+    """
+    tokenizer = loaded.processor.tokenizer
+    first = last_position_logits(loaded, batch)
+    tokens = [[t] for t in first.argmax(dim=-1).tolist()]
+    current = batch
+    for _ in range(1, max_tokens):
+        current = _append(current, [row[-1] for row in tokens], tokenizer.pad_token_id)
+        step = last_position_logits(loaded, current).argmax(dim=-1).tolist()
+        for row, token in zip(tokens, step, strict=True):
+            row.append(token)
+    texts = []
+    for row in tokens:
+        ended = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
+        texts.append(tokenizer.decode(row[:ended], skip_special_tokens=True).strip())
+    return first, texts
+
+
+def _append(batch: dict[str, torch.Tensor], tokens: list[int], pad: int) -> dict[str, torch.Tensor]:
+    """The batch with one more column: `tokens` at each row's end, every other per-token tensor
+    ([B, S], e.g. token type ids) extended with zeros."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    lengths = mask.sum(dim=1)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    grown = {
+        key: torch.cat([value, torch.zeros_like(value[:, :1])], dim=1)
+        for key, value in batch.items()
+        if isinstance(value, torch.Tensor) and value.shape == ids.shape
+    }
+    grown["input_ids"][:, -1] = pad
+    grown["input_ids"][rows, lengths] = torch.tensor(tokens, device=ids.device)
+    grown["attention_mask"][rows, lengths] = 1
+    return {**batch, **grown}
+
+
+def greedy_answers(
+    loaded: LoadedModel,
+    samples: Sequence[LoadedSample],
+    *,
+    with_instruction: bool = True,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[str]:
+    """Each sample's greedy answer text (:func:`greedy_decode` up to :func:`answer_budget` tokens)."""
+    from tqdm import tqdm
+
+    budget = answer_budget(loaded.processor.tokenizer, samples)
+    answers: list[str] = []
+    starts = range(0, len(samples), batch_size)
+    for start in tqdm(starts, desc="greedy answers", disable=not progress, unit="batch"):
+        chunk = samples[start : start + batch_size]
+        with torch.inference_mode():
+            _, texts = greedy_decode(loaded, encode(loaded, chunk, with_instruction=with_instruction), budget)
+        answers += texts
+    return answers

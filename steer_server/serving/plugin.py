@@ -1,0 +1,44 @@
+"""The vLLM general plugin (`vllm.general_plugins` → `modality_steer`): the entry point every process of
+a deployment runs.
+
+vLLM calls :func:`register` once in every process (API server, EngineCore, each worker;
+`vllm/plugins/__init__.py`, `load_general_plugins`). It is cheap and idempotent: with no profile
+configured it does nothing; with one it wraps the model runner (:mod:`.worker`), the EngineCore's request
+construction (:mod:`.engine_core`) and the API server's middleware (:mod:`.api`).
+"""
+
+from __future__ import annotations
+
+from .api import patch_api_server
+from .engine_core import patch_engine_core_request
+from .settings import settings
+from .worker import patch_model_runner, select_v1_runner
+
+ENTRY_POINT_GROUP = "vllm.general_plugins"
+ENTRY_POINT_NAME = "modality_steer"
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """vLLM entry point: install the steering hooks when a profile is configured.
+
+    Raises:
+        steer_server.serving.settings.SteeringConfigError: the configured profile cannot be used, or the
+            V2 model runner was asked for; the process stops before anything is served.
+    """
+    global _REGISTERED
+    if _REGISTERED or settings() is None:
+        return
+    select_v1_runner()
+    patch_model_runner()
+    patch_engine_core_request()
+    patch_api_server()
+    _REGISTERED = True
+
+
+def entry_point_registered() -> bool:
+    """Whether the installed distribution exposes the entry point vLLM looks for."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == ENTRY_POINT_NAME for ep in entry_points(group=ENTRY_POINT_GROUP))

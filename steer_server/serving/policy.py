@@ -1,0 +1,153 @@
+"""The deployment's steering policy: which spec a request runs with (`--default-steer` when it asks for
+none, `--enforce-steer` overriding everything and refusing anything else), and the request body vLLM
+receives (the canonical spec in `vllm_xargs`, the instruction sentence injected where the data layout
+puts it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..data.prompts import INSTRUCTIONS, insert_instruction
+from ..spec import OFF, SpecError, SteerSpec, parse_spec
+from .settings import (
+    DEFAULT_STEER_ENV,
+    ENFORCE_STEER_ENV,
+    EXTRA_ARGS_KEY,
+    INJECT_INSTRUCTION_ENV,
+    INSTRUCTION_ENV,
+    PluginSettings,
+)
+
+
+class PolicyError(Exception):
+    """A request the deployment refuses: status 400 (malformed) or 403 (against policy)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Policy:
+    plugin: PluginSettings
+    default: SteerSpec
+    enforce: SteerSpec | None
+    inject_instruction: bool
+    instructions: dict[str, str]
+
+    @classmethod
+    def from_environment(cls, plugin: PluginSettings) -> Policy:
+        def spec(env: str) -> SteerSpec | None:
+            raw = os.environ.get(env)
+            if not raw:
+                return None
+            try:
+                return parse_spec(
+                    raw, geometry=plugin.geometry, max_gain=plugin.max_gain, allow_raw_heads=True
+                )
+            except SpecError as exc:
+                raise SpecError(f"{env}={raw!r}: {exc}") from exc
+
+        enforce = spec(ENFORCE_STEER_ENV)
+        if enforce is not None and enforce.mode not in ("image", "text"):
+            raise SpecError(f"{ENFORCE_STEER_ENV} must be 'image' or 'text'")
+        return cls(
+            plugin=plugin,
+            default=spec(DEFAULT_STEER_ENV) or OFF,
+            enforce=enforce,
+            inject_instruction=os.environ.get(INJECT_INSTRUCTION_ENV, "0") == "1",
+            instructions={
+                mode: os.environ.get(env) or INSTRUCTIONS[mode] for mode, env in INSTRUCTION_ENV.items()
+            },
+        )
+
+    def parse(self, value: Any, *, allow_raw_heads: bool | None = None) -> SteerSpec:
+        allow = self.plugin.allow_raw_heads if allow_raw_heads is None else allow_raw_heads
+        try:
+            return parse_spec(
+                value, geometry=self.plugin.geometry, max_gain=self.plugin.max_gain, allow_raw_heads=allow
+            )
+        except SpecError as exc:
+            raise PolicyError(400, "invalid", str(exc)) from exc
+
+    def decide(self, payload: dict[str, Any]) -> SteerSpec:
+        """The spec a request runs with, or PolicyError."""
+        top_level = payload.get(EXTRA_ARGS_KEY)
+        xargs = payload.get("vllm_xargs")
+        if xargs is not None and not isinstance(xargs, dict):
+            raise PolicyError(400, "invalid", "vllm_xargs must be an object")
+        in_xargs = (xargs or {}).get(EXTRA_ARGS_KEY)
+        if top_level is not None and in_xargs is not None:
+            raise PolicyError(400, "invalid", "give modality_steer once: top level or vllm_xargs, not both")
+        if in_xargs is not None and not isinstance(in_xargs, str):
+            raise PolicyError(400, "invalid", "vllm_xargs.modality_steer must be a string (JSON for objects)")
+        asked = top_level if top_level is not None else in_xargs
+        if self.enforce is not None:
+            if asked is None:
+                return self.enforce
+            # Malformed is 400; anything well formed that differs from the enforced steering (raw heads
+            # included) is refused by policy.
+            requested = self.parse(asked, allow_raw_heads=True)
+            if requested != self.enforce:
+                raise PolicyError(
+                    403,
+                    "policy",
+                    f"this deployment enforces modality_steer={self.enforce.to_wire()!r}; the request asked for "
+                    f"{requested.to_wire()!r}",
+                )
+            return self.enforce
+        return self.parse(asked) if asked is not None else self.default
+
+
+def rewrite(payload: dict[str, Any], spec: SteerSpec, policy: Policy) -> dict[str, Any]:
+    """The body vLLM receives: no top-level field, the canonical spec in vllm_xargs, maybe the instruction."""
+    body = {k: v for k, v in payload.items() if k != EXTRA_ARGS_KEY}
+    xargs = {k: v for k, v in (body.get("vllm_xargs") or {}).items() if k != EXTRA_ARGS_KEY}
+    if spec.mode != "off":
+        xargs[EXTRA_ARGS_KEY] = spec.to_wire()
+    if xargs:
+        body["vllm_xargs"] = xargs
+    else:
+        body.pop("vllm_xargs", None)
+    if policy.inject_instruction and spec.mode in ("image", "text"):
+        _inject(body, policy.instructions[spec.mode])
+    return body
+
+
+def _inject(body: dict[str, Any], sentence: str) -> None:
+    """Add the instruction to the last user message (chat) or to each prompt (completions), where the
+    data layout puts it (:func:`~steer_server.data.prompts.insert_instruction`): in a message with
+    content parts, into its first text part, after the image parts."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, str):
+                    message["content"] = insert_instruction(content, sentence)
+                    return
+                if isinstance(content, list):
+                    for part in content:
+                        if (
+                            isinstance(part, dict)
+                            and part.get("type") == "text"
+                            and isinstance(part.get("text"), str)
+                        ):
+                            part["text"] = insert_instruction(part["text"], sentence)
+                            return
+                    content.append({"type": "text", "text": sentence})
+                    return
+        raise PolicyError(
+            400, "invalid", "--inject-instruction needs a user message to add the instruction to"
+        )
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        body["prompt"] = insert_instruction(prompt, sentence)
+    elif isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        body["prompt"] = [insert_instruction(p, sentence) for p in prompt]
+    else:
+        raise PolicyError(400, "invalid", "--inject-instruction works on text prompts only")

@@ -1,0 +1,88 @@
+"""The deployment's steering settings, shared by every process of a vLLM deployment (API server,
+EngineCore, workers): read from the environment, which `modality-steer serve` sets and every process
+vLLM spawns inherits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from ..geometry import ModelGeometry
+from ..profile import Profile, ProfileError, load_profile
+from ..spec import DEFAULT_MAX_GAIN, effective_gains, parse_spec
+
+PROFILE_ENV = "MODALITY_STEER_PROFILE"
+MAX_GAIN_ENV = "MODALITY_STEER_MAX_GAIN"
+ALLOW_RAW_HEADS_ENV = "MODALITY_STEER_ALLOW_RAW_HEADS"
+DEFAULT_STEER_ENV = "MODALITY_STEER_DEFAULT"
+ENFORCE_STEER_ENV = "MODALITY_STEER_ENFORCE"
+INJECT_INSTRUCTION_ENV = "MODALITY_STEER_INJECT_INSTRUCTION"
+# The sentences --inject-instruction adds (default: the paper's wording, data.prompts.INSTRUCTIONS).
+INSTRUCTION_ENV = {"image": "MODALITY_STEER_INSTRUCTION_IMAGE", "text": "MODALITY_STEER_INSTRUCTION_TEXT"}
+# Where a request's canonical spec travels from the API server to the engine and the workers:
+# `SamplingParams.extra_args[EXTRA_ARGS_KEY]` (vLLM fills extra_args from `vllm_xargs`).
+EXTRA_ARGS_KEY = "modality_steer"
+# The worker method the API server's state endpoint calls through `collective_rpc`.
+WORKER_STATE_METHOD = "modality_steer_state"
+
+
+class SteeringConfigError(RuntimeError):
+    """The deployment cannot steer as configured; the engine must not start (never serve unsteered)."""
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    """The profile a deployment applies and the limits on requests (`--max-gain`, `--allow-raw-heads`)."""
+
+    profile_path: Path
+    profile: Profile
+    max_gain: float
+    allow_raw_heads: bool
+
+    @property
+    def geometry(self) -> ModelGeometry:
+        """The profiled model's geometry."""
+        return self.profile.model
+
+    def gains_for(self, spec_text: str | None) -> dict[tuple[int, int], float]:
+        """Effective gains of a request's canonical spec (as the API server stored it; None: unsteered).
+
+        Raises:
+            steer_server.spec.SpecError: the spec is invalid under these settings.
+        """
+        if spec_text is None:
+            return {}
+        spec = parse_spec(
+            spec_text, geometry=self.geometry, max_gain=self.max_gain, allow_raw_heads=self.allow_raw_heads
+        )
+        return effective_gains(spec, self.profile)
+
+
+@cache
+def settings() -> PluginSettings | None:
+    """The deployment's settings from the environment, read once per process; None when no profile is
+    configured.
+
+    Raises:
+        SteeringConfigError: the profile cannot be used or MODALITY_STEER_MAX_GAIN is not a number.
+    """
+    path = os.environ.get(PROFILE_ENV)
+    if not path:
+        return None
+    try:
+        profile = load_profile(path)
+    except ProfileError as exc:
+        raise SteeringConfigError(f"modality-steer: cannot use the profile: {exc}") from exc
+    try:
+        max_gain = float(os.environ.get(MAX_GAIN_ENV, DEFAULT_MAX_GAIN))
+    except ValueError as exc:
+        raise SteeringConfigError(f"{MAX_GAIN_ENV} must be a number") from exc
+    return PluginSettings(
+        profile_path=Path(path),
+        profile=profile,
+        max_gain=max_gain,
+        allow_raw_heads=os.environ.get(ALLOW_RAW_HEADS_ENV, "0") == "1",
+    )
