@@ -115,4 +115,4 @@ def test_the_built_wheel_imports_the_kernel_and_ships_the_profile_and_toy(tmp_pa
     for key in ("kernel", "profile", "toy"):
         assert Path(found[key]).is_relative_to(target), (key, found)
         assert Path(found[key]).is_file(), (key, found)
-    assert found["sum"] == 4 * 1 + 4 * (0 + 2) * 2  # token 0 unsteered; tokens 1, 2: head 0 x0, head 1 x2
+    assert found["sum"] == 2 * 4 + 2 * (0 + 2) * 4  # token 0 unsteered; tokens 1, 2: head 0 x0, head 1 x2

@@ -49,13 +49,15 @@ def user_text(sample: Sample, *, with_instruction: bool = True) -> str:
 
 def insert_instruction(text: str, instruction: str) -> str:
     """Put `instruction` into a text laid out without one, where :func:`user_text` puts it: on the line
-    after the first line that starts with ``Text Context: ``, or first when there is no such line.
+    after the first line that holds ``Text Context: ``, or first when there is no such line.
 
     ``insert_instruction(user_text(s, with_instruction=False), INSTRUCTIONS[s.follow]) == user_text(s)``
-    for every sample `s`.
+    for every sample `s`, and the same holds for a whole rendered prompt when the sample has a context
+    (the context line is found inside the chat template's text). A rendered prompt without a context line
+    gets the instruction at its very start: only the user turn's own text says where the turn begins.
     """
     lines = text.split("\n")
-    after = next((i + 1 for i, line in enumerate(lines) if line.lstrip().startswith(CONTEXT_LABEL)), 0)
+    after = next((i + 1 for i, line in enumerate(lines) if CONTEXT_LABEL in line), 0)
     return "\n".join([*lines[:after], instruction, *lines[after:]])
 
 

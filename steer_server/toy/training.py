@@ -233,7 +233,8 @@ def _scene_labels(scene: Scene) -> list[int]:
 def pretrain_vision(model: Any, processor: Any, recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
     """Teach the vision tower and projector to see every attribute before the language model trains.
 
-    The language model learns to copy from the text long before it learns to see (design notes §8), and
+    The language model learns to copy from the text long before it learns to see (measured: after 1500
+    steps without this, text-following 100%, image-only questions 26%), and
     perception errors are not arbitration failures; a linear read-out of all four attributes from the
     projected image tokens trains the seeing part alone, at a small fraction of a full step's cost."""
     from tqdm import tqdm
