@@ -46,19 +46,20 @@ MIXED_SPECS = [
 
 
 def bench_architecture(quick: bool) -> Any:
-    from steer_server import toy
+    from steer_server.toy.model import ToyArchitecture
 
     if quick:
-        return toy.ToyArchitecture(text_hidden=256, text_layers=4, text_heads=4, head_dim=64, text_mlp=512)
-    return toy.ToyArchitecture(text_hidden=1024, text_layers=12, text_heads=16, head_dim=64, text_mlp=2816)
+        return ToyArchitecture(text_hidden=256, text_layers=4, text_heads=4, head_dim=64, text_mlp=512)
+    return ToyArchitecture(text_hidden=1024, text_layers=12, text_heads=16, head_dim=64, text_mlp=2816)
 
 
 def build(folder: Path, quick: bool, requests: int) -> tuple[Path, Path, list[Any], int]:
-    from steer_server import data as D
-    from steer_server import toy
+    from steer_server.data.schema import load_samples
+    from steer_server.data.synth import synth_dataset
+    from steer_server.toy.model import build_random
 
     arch = bench_architecture(quick)
-    model_dir = toy.build_random(folder / "model", arch, seed=0)
+    model_dir = build_random(folder / "model", arch, seed=0)
     layers, heads = arch.text_layers, arch.text_heads
     k = max(1, round(0.05 * layers * heads))
     cells = [(layer, head) for layer in range(layers) for head in range(heads)]
@@ -78,8 +79,8 @@ def build(folder: Path, quick: bool, requests: int) -> tuple[Path, Path, list[An
     }
     profile_path = folder / "profile.json"
     profile_path.write_text(json.dumps(profile))
-    paths = D.synth_dataset(folder / "data", max(240, requests * 10), seed=1)
-    samples = [s for s in D.load_samples(paths["train"]) if s.image_path is not None][:requests]
+    paths = synth_dataset(folder / "data", max(240, requests * 10), seed=1)
+    samples = [s for s in load_samples(paths["train"]) if s.image_path is not None][:requests]
     lm_params = layers * (4 * arch.text_hidden * arch.text_hidden + 3 * arch.text_hidden * arch.text_mlp)
     return model_dir, profile_path, samples, lm_params
 
@@ -216,7 +217,7 @@ def http(
     eager: bool,
     concurrency: int,
 ) -> dict[str, list[float]]:
-    from steer_server.engine import VllmServer
+    from steer_server.serving.launcher import VllmServer
 
     args = ["--max-model-len", "256", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(512 * 2**20)]
     args += ["--enforce-eager"] if eager else []
@@ -286,11 +287,11 @@ def main() -> int:
     parser.add_argument("--eager", action="store_true", help="--enforce-eager for every engine")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from steer_server import data as D
+    from steer_server.data.prompts import openai_messages
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir, profile, samples, lm_params = build(Path(scratch), args.quick, args.requests)
-        messages = [D.openai_messages(s) for s in samples]
+        messages = [openai_messages(s) for s in samples]
         print(
             f"bench model: language model {lm_params / 1e6:.0f} M parameters; {len(messages)} prompts with images",
             flush=True,

@@ -319,6 +319,7 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> Any:
+    """Run the `modality-steer` command line on `argv` (default: the process's arguments)."""
     return app(args=argv if argv is not None else sys.argv[1:])
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..architectures import image_token_id
-from ..data.prompts import FORMAT_CONSTRAINT, INSTRUCTIONS, chat_messages, context_line
+from ..data.prompts import chat_messages, prompt_parts
 from ..data.schema import LoadedSample
 from ..data.scoring import mf_ratio_of
 from ..geometry import ModelGeometry
@@ -52,11 +52,7 @@ def token_groups(
         )
         encoded = tokenizer(prompt, return_offsets_mapping=True)
         plain, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        spans = {
-            "context": _span(prompt, context_line(sample.context)) if sample.context else None,
-            "instruction": _span(prompt, INSTRUCTIONS[sample.follow]),
-            "question": _span(prompt, f"{sample.question} {FORMAT_CONSTRAINT}"),
-        }
+        spans = {name: _span(prompt, text) for name, text in prompt_parts(sample).items()}
         expanded = ids[row, : int(lengths[row])].tolist()
         j = 0
         for pos, token in enumerate(expanded):
@@ -71,7 +67,7 @@ def token_groups(
                     continue
             start, end = offsets[j]
             for name, span in spans.items():
-                if span is not None and start < span[1] and end > span[0]:
+                if start < span[1] and end > span[0]:
                     groups[name][row, pos] = True
             j += 1
         groups["last"][row, int(lengths[row]) - 1] = True

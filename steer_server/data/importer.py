@@ -17,6 +17,8 @@ from .schema import DataError, Follow, Sample, write_jsonl
 
 @dataclass(frozen=True)
 class ImportReport:
+    """What an import wrote: samples written, image ids not found, records in the source."""
+
     written: int
     missing_images: list[str]
     total: int

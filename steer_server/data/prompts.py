@@ -36,15 +36,20 @@ def context_line(context: str) -> str:
     return CONTEXT_LABEL + " ".join(context.split())
 
 
-def user_text(sample: Sample, *, with_instruction: bool = True) -> str:
-    """The text part of the user turn, one part per line: context (when there is one), instruction (when
-    asked), question with the format constraint. The image, if any, goes before it (the chat template's
-    image placeholder)."""
-    parts = [context_line(sample.context)] if sample.context else []
+def prompt_parts(sample: Sample, *, with_instruction: bool = True) -> dict[str, str]:
+    """The text parts of the user turn, in prompt order: "context" (when the sample has one),
+    "instruction" (when asked), "question" (with the format constraint). The image, if any, goes before
+    them (the chat template's image placeholder). This is the layout; everything else renders it."""
+    parts = {"context": context_line(sample.context)} if sample.context else {}
     if with_instruction:
-        parts.append(INSTRUCTIONS[sample.follow])
-    parts.append(f"{sample.question} {FORMAT_CONSTRAINT}")
-    return "\n".join(parts)
+        parts["instruction"] = INSTRUCTIONS[sample.follow]
+    parts["question"] = f"{sample.question} {FORMAT_CONSTRAINT}"
+    return parts
+
+
+def user_text(sample: Sample, *, with_instruction: bool = True) -> str:
+    """The text part of the user turn: :func:`prompt_parts`, one per line."""
+    return "\n".join(prompt_parts(sample, with_instruction=with_instruction).values())
 
 
 def insert_instruction(text: str, instruction: str) -> str:

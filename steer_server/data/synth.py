@@ -50,10 +50,12 @@ class Scene:
     big: bool
 
     def value(self, task: str) -> str:
+        """The scene's value of one attribute (task)."""
         return str(getattr(self, task))
 
 
 def values_of(task: str) -> tuple[str, ...]:
+    """The values an attribute (task) can take, in a fixed order."""
     return {"colour": tuple(COLOURS), "shape": SHAPES, "count": COUNTS, "position": POSITIONS}[task]
 
 

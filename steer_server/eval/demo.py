@@ -55,6 +55,7 @@ class _Arms:
         self.concurrency = concurrency
 
     def run(self, samples: Sequence[LoadedSample], body: ExtraBody, name: str) -> dict[str, str]:
+        """Greedy answers by sample id for one arm; any failed request raises RuntimeError."""
         if not samples:
             return {}
         result = served_answers(
@@ -93,6 +94,12 @@ def _raw_heads(heads_by_mode: dict[str, list[list[int]]]) -> ExtraBody:
 def measure(
     server: VllmServer, model: str, samples: Sequence[LoadedSample], profile: Profile, concurrency: int
 ) -> dict[str, Any]:
+    """The demo's served figures: every arm of the module docstring through the endpoint, MF ratios as
+    :func:`~steer_server.data.scoring.mf_ratio` aggregates them.
+
+    Raises:
+        RuntimeError: a request failed (named with its sample).
+    """
     arms = _Arms(server, model, concurrency)
     conflicts = [s for s in samples if s.sample.kind == "conflict"]
     controls = [s for s in samples if s.sample.kind == "control"]
@@ -177,6 +184,8 @@ ROWS = [
 
 
 def table(offline: dict[str, Any], served: dict[str, Any]) -> str:
+    """The printed side-by-side table (percentages) and the relative drops of the served run."""
+
     def cell(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f}"
 
@@ -193,6 +202,7 @@ def table(offline: dict[str, Any], served: dict[str, Any]) -> str:
 
 
 def run_demo(out: Path, *, concurrency: int = 16) -> dict[str, Any]:
+    """Write the held-out split, serve the toy model with its profile, measure, print and write `out`."""
     started = time.monotonic()
     model_dir = toy_model_dir()
     profile_path = toy_profile_path()

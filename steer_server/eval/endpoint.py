@@ -21,6 +21,8 @@ from ..data.scoring import mf_report
 
 @dataclass
 class ServedRun:
+    """Answers and errors by sample id, and each answered request's latency (seconds)."""
+
     answers: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)

@@ -55,6 +55,7 @@ _METRICS: _Metrics | None = None
 
 
 def metrics(plugin: PluginSettings) -> _Metrics:
+    """The process's metrics (created once: prometheus collectors are process-wide)."""
     global _METRICS
     if _METRICS is None:
         _METRICS = _Metrics(plugin)

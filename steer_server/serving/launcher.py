@@ -36,6 +36,7 @@ def _die_with_parent() -> None:
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 at the time of the call."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -80,9 +81,11 @@ class VllmServer:
 
     @property
     def base_url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
+        """The server's command line: `modality-steer serve` with a profile, plain vLLM without."""
         if self.profile is not None:
             args = [
                 sys.executable,
@@ -102,6 +105,11 @@ class VllmServer:
         return args + self.extra_args
 
     def start(self) -> VllmServer:
+        """Start the server and wait until `/health` answers.
+
+        Raises:
+            ServerStartError: it exited or was not healthy in time (with the end of its log).
+        """
         log = self.log_path.open("wb")
         # The working directory is a scratch folder so that nothing in the caller's folder (a source
         # checkout, say) shadows installed modules inside the engine's processes.
@@ -119,6 +127,7 @@ class VllmServer:
         return self
 
     def log_tail(self, lines: int = 200) -> str:
+        """The last `lines` lines of the server's log."""
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
@@ -140,6 +149,7 @@ class VllmServer:
         )
 
     def healthy(self) -> bool:
+        """Whether `/health` answers 200 now."""
         try:
             with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as response:
                 return bool(response.status == 200)
@@ -147,6 +157,7 @@ class VllmServer:
             return False
 
     def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM the server's process group (SIGKILL after `timeout` seconds); its exit code."""
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
         try:
@@ -167,6 +178,7 @@ class VllmServer:
         self.stop()
 
     def client(self, **kwargs: Any) -> Any:
+        """An `openai.OpenAI` client of this server (keyword arguments go to the client)."""
         import openai
 
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=kwargs.pop("api_key", "EMPTY"), **kwargs)

@@ -23,6 +23,9 @@ from .settings import (
 
 
 class PolicyError(Exception):
+    """The deployment's rules: the spec of a request without one (`--default-steer`), the spec every
+    request must run with (`--enforce-steer`), and whether and which instruction sentences are injected."""
+
     """A request the deployment refuses: status 400 (malformed) or 403 (against policy)."""
 
     def __init__(self, status: int, reason: str, message: str) -> None:
@@ -41,6 +44,13 @@ class Policy:
 
     @classmethod
     def from_environment(cls, plugin: PluginSettings) -> Policy:
+        """The policy the environment configures (set by `modality-steer serve`).
+
+        Raises:
+            steer_server.spec.SpecError: a default or enforced spec that does not parse, or an enforced
+                spec that is not 'image' or 'text'.
+        """
+
         def spec(env: str) -> SteerSpec | None:
             raw = os.environ.get(env)
             if not raw:
@@ -66,6 +76,11 @@ class Policy:
         )
 
     def parse(self, value: Any, *, allow_raw_heads: bool | None = None) -> SteerSpec:
+        """Parse a request's value under the deployment's limits.
+
+        Raises:
+            PolicyError: status 400 with the parser's message.
+        """
         allow = self.plugin.allow_raw_heads if allow_raw_heads is None else allow_raw_heads
         try:
             return parse_spec(

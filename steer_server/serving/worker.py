@@ -191,6 +191,7 @@ class WorkerSteering:
 
     @property
     def slots_in_use(self) -> int:
+        """Slots currently holding a configuration (row 0, unsteered, is not counted)."""
         return len(self._refs)
 
     def state(self) -> dict[str, Any]:
@@ -206,6 +207,12 @@ class WorkerSteering:
     # ---- per step ----------------------------------------------------------------------------
 
     def begin_step(self, runner: Any, num_scheduled_tokens: Any) -> None:
+        """Fill the token → slot map for the step the runner has just prepared (called after
+        `_prepare_inputs`; tokens laid out in batch order, `num_scheduled_tokens[i]` for request i).
+
+        Raises:
+            SteeringConfigError: more tokens than the slot map holds, no free slot, or an invalid spec.
+        """
         import numpy as np
 
         num_reqs = runner.input_batch.num_reqs

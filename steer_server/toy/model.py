@@ -29,6 +29,9 @@ def toy_model_dir() -> Path:
 
 @dataclass(frozen=True)
 class ToyArchitecture:
+    """Sizes of the toy LLaVA: vision tower (hidden, layers, heads) and language model (hidden, layers,
+    heads, head_dim, MLP width)."""
+
     vision_hidden: int = 128
     vision_layers: int = 3
     vision_heads: int = 4
@@ -40,6 +43,7 @@ class ToyArchitecture:
 
 
 def build_config(tokenizer: Any, arch: ToyArchitecture) -> Any:
+    """The `LlavaConfig` of an architecture, for the toy tokenizer's vocabulary."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(

@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..data.prompts import FORMAT_CONSTRAINT, INSTRUCTIONS
+from ..data.prompts import CONTEXT_LABEL, FORMAT_CONSTRAINT, INSTRUCTIONS
 from ..data.synth import IMAGE_SIZE, QUESTIONS, TASKS, describe, values_of
 
 TOY_MODEL_NAME = "modality-steer-toy-llava"
@@ -36,7 +36,7 @@ _WORD = re.compile(r"\w+|[^\w\s]+")
 
 def vocabulary() -> list[str]:
     """Every word the synthetic prompts and answers can contain, in a fixed order."""
-    texts: list[str] = [*INSTRUCTIONS.values(), FORMAT_CONSTRAINT, "Text Context:", "USER: ASSISTANT:"]
+    texts: list[str] = [*INSTRUCTIONS.values(), FORMAT_CONSTRAINT, CONTEXT_LABEL, "USER: ASSISTANT:"]
     texts += list(QUESTIONS.values())
     for task in TASKS:
         for value in values_of(task):
@@ -75,6 +75,7 @@ def build_tokenizer(
 
 
 def build_processor(tokenizer: Any) -> Any:
+    """A `LlavaProcessor` for 32x32 images (patch 8: 16 image tokens) around the toy tokenizer."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     image_processor = CLIPImageProcessor(

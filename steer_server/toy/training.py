@@ -77,6 +77,7 @@ class Recipe:
     head_dropout: float = 0.03
 
     def heads_of(self, mode: Follow) -> tuple[tuple[int, int], ...]:
+        """The planted (layer, head) cells of an instruction mode."""
         return self.image_heads if mode == "image" else self.text_heads
 
 
