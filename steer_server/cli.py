@@ -208,8 +208,9 @@ def serve(
     """Serve MODEL with vLLM's OpenAI-compatible server and per-request head steering."""
     import os
 
-    from .profile import ProfileError, load_profile
     from .serving.api import MIDDLEWARE_PATH
+    from .serving.plugin import ENTRY_POINT_NAME
+    from .serving.policy import policy
     from .serving.settings import (
         ALLOW_RAW_HEADS_ENV,
         DEFAULT_STEER_ENV,
@@ -218,42 +219,42 @@ def serve(
         INSTRUCTION_ENV,
         MAX_GAIN_ENV,
         PROFILE_ENV,
+        SteeringConfigError,
+        settings,
     )
-    from .spec import SpecError, parse_spec
 
-    try:
-        loaded = load_profile(profile)
-    except ProfileError as exc:
-        _fail(str(exc))
-    if not 0 <= max_gain < float("inf"):
-        _fail(f"--max-gain must be a finite number >= 0, got {max_gain}")
-    if enforce_steer is not None and enforce_steer not in ("image", "text"):
-        _fail(f"--enforce-steer must be image or text, got {enforce_steer!r}")
-    if default_steer is not None:
-        try:
-            parse_spec(
-                default_steer,
-                geometry=loaded.model,
-                max_gain=max_gain,
-                allow_raw_heads=True,
-            )
-        except SpecError as exc:
-            _fail(f"--default-steer: {exc}")
-    env = dict(os.environ)
-    env[PROFILE_ENV] = str(profile.resolve())
-    env[MAX_GAIN_ENV] = repr(max_gain)
-    env[ALLOW_RAW_HEADS_ENV] = "1" if allow_raw_heads else "0"
-    env[INJECT_INSTRUCTION_ENV] = "1" if inject_instruction else "0"
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and ENTRY_POINT_NAME not in allowed.split(","):
+        _fail(
+            f"VLLM_PLUGINS={allowed!r} does not list {ENTRY_POINT_NAME}: vLLM would not load the plugin and "
+            "nothing would be steered; add it or unset VLLM_PLUGINS"
+        )
+    env = {
+        PROFILE_ENV: str(profile.resolve()),
+        MAX_GAIN_ENV: repr(max_gain),
+        ALLOW_RAW_HEADS_ENV: "1" if allow_raw_heads else "0",
+        INJECT_INSTRUCTION_ENV: "1" if inject_instruction else "0",
+    }
     for key, value in (
         (DEFAULT_STEER_ENV, default_steer),
         (ENFORCE_STEER_ENV, enforce_steer),
         (INSTRUCTION_ENV["image"], instruction_image),
         (INSTRUCTION_ENV["text"], instruction_text),
     ):
-        if value is None:
-            env.pop(key, None)
-        else:
+        os.environ.pop(key, None)
+        if value is not None:
             env[key] = value
+    os.environ.update(env)
+    # The same checks every process of the deployment makes when the plugin loads, made here first so
+    # that a bad flag is named before vLLM starts.
+    settings.cache_clear()
+    policy.cache_clear()
+    try:
+        current = settings()
+        policy()
+    except SteeringConfigError as exc:
+        _fail(str(exc))
+    assert current is not None
     command = [
         sys.executable,
         "-m",
@@ -264,8 +265,8 @@ def serve(
         MIDDLEWARE_PATH,
         *ctx.args,
     ]
-    typer.echo(f"modality-steer: profile {loaded.profile_id} ({profile}); starting vLLM", err=True)
-    os.execvpe(command[0], command, env)
+    typer.echo(f"modality-steer: profile {current.profile.profile_id} ({profile}); starting vLLM", err=True)
+    os.execvp(command[0], command)
 
 
 @app.command("eval")

@@ -1,24 +1,64 @@
 """What runs in the API server: the `modality_steer` request parameter, the policy's HTTP answers, the
 response header, metrics, the OpenAPI document and the state endpoint.
 
-One ASGI middleware in front of `/v1/chat/completions` and `/v1/completions` reads `modality_steer` from
-the top level of the JSON body or from `vllm_xargs["modality_steer"]` (same validation for both),
-applies the deployment's :class:`~steer_server.serving.policy.Policy`, and hands the engine one canonical
-string in `vllm_xargs`, where vLLM carries it to the workers as `SamplingParams.extra_args`. Anything it
-cannot accept is answered here, in the OpenAI error shape.
+The HTTP layer is the good experience, not the guard (the EngineCore is, :mod:`.engine_core`). One
+ASGI middleware sorts every route of the running app, derived from the app itself when the first
+request arrives (:func:`classify_routes`):
+
+- *steered*: POST routes whose request model takes `vllm_xargs` (chat, completions, responses,
+  messages, batch chat, ...). `modality_steer` is read from the top level of the JSON body or from
+  `vllm_xargs["modality_steer"]` (same validation), the deployment's
+  :class:`~steer_server.serving.policy.Policy` applied, and the canonical spec handed on in
+  `vllm_xargs`; refusals are 400 / 403 in the OpenAI error shape with `param: modality_steer`, steered
+  answers carry the `x-modality-steer` header;
+- *inert*: routes that never reach the engine's generation (:data:`INERT_ROUTES`, and every GET);
+- *refused*: every other route (deny by default): a request on it that carries `modality_steer`, or any
+  request while a policy steers requests that ask for nothing, is refused with a 4xx.
+
+Paths are matched the way the router matches them (`route.matches`, which strips `--root-path`).
+Before the server answers anything, every worker of every engine must report that steering is armed
+(:func:`require_armed_workers`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from ..spec import SteerSpec, spec_json_schema
-from .policy import Policy, PolicyError, rewrite
-from .settings import EXTRA_ARGS_KEY, WORKER_STATE_METHOD, PluginSettings, settings
+from .frontend import patch_request_builders
+from .policy import PolicyError, asked_spec, policy, rewrite
+from .settings import EXTRA_ARGS_KEY, WORKER_STATE_METHOD, PluginSettings, SteeringConfigError, settings
 
-STEERED_PATHS = ("/v1/chat/completions", "/v1/completions")
+# POST routes of vLLM 0.32 that never reach the engine's generation or pooling (tokenising, rendering,
+# aborting, administration). Every other non-GET route is steered (derived) or refused (by default).
+INERT_ROUTES = frozenset(
+    {
+        "/tokenize",
+        "/detokenize",
+        "/v1/messages/count_tokens",
+        "/v1/chat/completions/render",
+        "/v1/completions/render",
+        "/v1/messages/render",
+        "/v1/responses/render",
+        "/v1/chat/completions/derender",
+        "/v1/completions/derender",
+        "/v1/messages/derender",
+        "/v1/responses/derender",
+        "/v1/responses/{response_id}/cancel",
+        "/abort_requests",
+        "/inference/v1/abort_requests",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/start_profile",
+        "/stop_profile",
+        "/scale_elastic_ep",
+        "/is_scaling_elastic_ep",
+        "/ping",
+    }
+)
 # GET: the workers' steering state (slots held, requests tracked); under /v1 so that --api-key guards it.
 STATE_PATH = "/v1/modality_steer/state"
 HEADER = b"x-modality-steer"
@@ -63,6 +103,72 @@ def metrics(plugin: PluginSettings) -> _Metrics:
 
 
 # --------------------------------------------------------------------------------------------------
+# Routes.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    """The app's routes, by what the middleware does with them (route path templates)."""
+
+    steered: tuple[str, ...]
+    inert: tuple[str, ...]
+    refused: tuple[str, ...]
+    routes: tuple[tuple[Any, str], ...]  # (route, kind) in the router's order
+
+    def kind_of(self, scope: Scope) -> str:
+        """ "steered", "inert" or "refused" for a request, matched as the router matches it (the first
+        route that matches fully); "inert" when no route matches (the router answers 404 or 405)."""
+        from starlette.routing import Match
+
+        for route, kind in self.routes:
+            if route.matches(scope)[0] == Match.FULL:
+                return kind
+        return "inert"
+
+    def as_dict(self) -> dict[str, list[str]]:
+        """JSON-ready form (for the state endpoint)."""
+        return {"steered": list(self.steered), "inert": list(self.inert), "refused": list(self.refused)}
+
+
+def _takes_vllm_xargs(route: Any) -> bool:
+    import typing
+
+    field = getattr(route, "body_field", None)
+    if field is None:
+        return False
+    annotation = field.field_info.annotation
+    candidates = [annotation, *typing.get_args(annotation)]
+    return any("vllm_xargs" in getattr(c, "model_fields", {}) for c in candidates)
+
+
+def classify_routes(app: Any) -> RouteTable:
+    """Sort every route of `app`: a route is *steered* when its request model has a `vllm_xargs` field,
+    *inert* when it takes no body (GET, HEAD) or is one of :data:`INERT_ROUTES`, else *refused*. Mounted
+    sub-apps (`/metrics`) and websocket routes are left to the router: websockets carry no
+    `modality_steer`, and the request hooks and the EngineCore steer what they send."""
+    from starlette.routing import Route
+
+    routes = []
+    for route in app.routes:
+        if not isinstance(route, Route):
+            continue
+        methods = set(route.methods or ())
+        if _takes_vllm_xargs(route) and "POST" in methods:
+            kind = "steered"
+        elif methods <= {"GET", "HEAD"} or route.path in INERT_ROUTES:
+            kind = "inert"
+        else:
+            kind = "refused"
+        routes.append((route, kind))
+
+    def paths(kind: str) -> tuple[str, ...]:
+        return tuple(sorted({route.path for route, k in routes if k == kind}))
+
+    return RouteTable(paths("steered"), paths("inert"), paths("refused"), tuple(routes))
+
+
+# --------------------------------------------------------------------------------------------------
 # The middleware.
 # --------------------------------------------------------------------------------------------------
 
@@ -89,32 +195,92 @@ class ModalitySteerMiddleware:
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
-        plugin = settings()
-        if plugin is None:
+        contract = policy()
+        if contract is None:
             raise RuntimeError("ModalitySteerMiddleware needs a profile (MODALITY_STEER_PROFILE)")
-        self.plugin = plugin
-        self.policy = Policy.from_environment(plugin)
-        self.metrics = metrics(plugin)
+        self.plugin = contract.plugin
+        self.policy = contract
+        self.metrics = metrics(contract.plugin)
+        self._routes: RouteTable | None = None
+
+    def routes(self, scope: Scope) -> RouteTable:
+        """The route table of the app serving `scope` (built once, at the first request: by then every
+        router, endpoint plugin and launcher route is mounted)."""
+        if self._routes is None:
+            self._routes = classify_routes(scope["app"])
+        return self._routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("method") == "GET" and scope.get("path") == STATE_PATH:
-            await self._state(scope, send)
-            return
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in STEERED_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = _route_path(scope)
+        if scope.get("method") == "GET" and path == STATE_PATH:
+            await self._state(scope, send)
+            return
+        kind = self.routes(scope).kind_of(scope)
+        if kind == "inert":
+            await self.app(scope, receive, send)
+            return
+        body = await self._read_body(receive, send)
+        if body is None:
+            return
+        if kind == "refused":
+            await self._refused_route(scope, receive, send, body, path)
+            return
+        await self._steered(scope, receive, send, body)
+
+    async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
+        """The whole request body, or None when the client left or the body is too large (answered)."""
         body = b""
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             body += message.get("body", b"")
             if len(body) > MAX_BODY_BYTES:
                 self.metrics.rejected.labels(reason="too_large").inc()
                 await _error(send, 413, f"request body over {MAX_BODY_BYTES} bytes")
-                return
+                return None
             if not message.get("more_body", False):
-                break
+                return body
+
+    async def _refused_route(
+        self, scope: Scope, receive: Receive, send: Send, body: bytes, path: str
+    ) -> None:
+        """Deny by default: a route modality-steer does not handle serves only requests that say nothing
+        about steering, and only while no policy steers such requests."""
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            payload = None
+        carries = isinstance(payload, dict) and (
+            EXTRA_ARGS_KEY in payload
+            or (isinstance(payload.get("vllm_xargs"), dict) and EXTRA_ARGS_KEY in payload["vllm_xargs"])
+        )
+        if carries:
+            self.metrics.rejected.labels(reason="route").inc()
+            await _error(
+                send, 400, f"{path} does not take modality_steer (modality-steer does not handle this route)"
+            )
+            return
+        if self.policy.constrains_unmarked_requests:
+            self.metrics.rejected.labels(reason="route").inc()
+            await _error(
+                send,
+                403,
+                f"this deployment steers every request, and modality-steer does not handle {path}; refused",
+            )
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _steered(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        """Validate, apply the policy, rewrite, label the response, count."""
+        content_type = dict(scope.get("headers", [])).get(b"content-type", b"application/json")
+        if not content_type.startswith(b"application/json"):
+            # Form uploads (transcription): the request hooks and the EngineCore apply the contract.
+            await self.app(scope, _replay(body, receive), send)
+            return
         try:
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -130,7 +296,7 @@ class ModalitySteerMiddleware:
             await self.app(scope, _replay(body, receive), send)
             return
         try:
-            spec = self.policy.decide(payload)
+            spec = self.policy.resolve(asked_spec(payload))
             new_body = json.dumps(rewrite(payload, spec, self.policy)).encode()
         except PolicyError as exc:
             self.metrics.rejected.labels(reason=exc.reason).inc()
@@ -158,11 +324,65 @@ class ModalitySteerMiddleware:
         try:
             if engine is None:
                 raise RuntimeError("no engine client on this app")
-            workers = await engine.collective_rpc(WORKER_STATE_METHOD)
+            workers = await worker_states(engine)
         except Exception as exc:  # a dead or missing engine: say so, never report an empty state
             await _json(send, 503, {"error": {"message": f"engine unavailable: {exc}", "code": 503}})
             return
-        await _json(send, 200, {"profile_id": self.plugin.profile.profile_id, "workers": workers})
+        await _json(
+            send,
+            200,
+            {
+                "profile_id": self.plugin.profile.profile_id,
+                "policy": {
+                    "default": self.policy.default.to_wire(),
+                    "enforce": None if self.policy.enforce is None else self.policy.enforce.to_wire(),
+                },
+                "routes": self.routes(scope).as_dict(),
+                "workers": workers,
+            },
+        )
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the router routes on: `scope["path"]` without the root path (`--root-path`)."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+async def worker_states(engine_client: Any) -> list[dict[str, Any]]:
+    """Every worker's steering state, of every engine (`call_utility_all_async` reaches each engine of a
+    data-parallel deployment; `collective_rpc` only the first, `vllm/v1/engine/core_client.py`)."""
+    core = getattr(engine_client, "engine_core", None)
+    if core is not None and hasattr(core, "call_utility_all_async"):
+        per_engine = await core.call_utility_all_async("collective_rpc", WORKER_STATE_METHOD, None, (), None)
+        return [state for engine in per_engine for state in engine]
+    return list(await engine_client.collective_rpc(WORKER_STATE_METHOD))
+
+
+async def require_armed_workers(engine_client: Any) -> list[dict[str, Any]]:
+    """The start-up handshake: every worker of every engine reports steering armed with this
+    deployment's profile.
+
+    Raises:
+        SteeringConfigError: a worker did not answer (the plugin is not loaded there, or its runner was
+            not set up) or answered for another profile.
+    """
+    plugin = settings()
+    assert plugin is not None
+    try:
+        states = await worker_states(engine_client)
+    except Exception as exc:
+        raise SteeringConfigError(
+            f"modality-steer: a worker did not report steering armed ({type(exc).__name__}: {exc}); "
+            "refusing to serve"
+        ) from exc
+    wrong = [s for s in states if not s.get("armed") or s.get("profile_id") != plugin.profile.profile_id]
+    if not states or wrong:
+        raise SteeringConfigError(
+            f"modality-steer: workers not armed with profile {plugin.profile.profile_id}: {wrong or states}"
+        )
+    return states
 
 
 async def _json(send: Send, status: int, payload: dict[str, Any]) -> None:
@@ -208,6 +428,7 @@ def patch_api_server() -> None:
 
     def init_entrypoints_middleware(args: Any, app: Any, *rest: Any, **kwargs: Any) -> Any:
         args.middleware = [m for m in (getattr(args, "middleware", None) or []) if m != MIDDLEWARE_PATH]
+        patch_request_builders()
         app.add_middleware(ModalitySteerMiddleware)
         _document_parameter(app)
         return original(args, app, *rest, **kwargs)
@@ -217,9 +438,22 @@ def patch_api_server() -> None:
     middleware_register.init_entrypoints_middleware = init_entrypoints_middleware
     launcher_app.init_entrypoints_middleware = init_entrypoints_middleware
 
+    # The handshake runs where vLLM finishes the app's state, before it serves (`init_app_state` in
+    # `vllm/entrypoints/launchers/api_server/app_state.py`, which looks this name up at call time).
+    from vllm.entrypoints.launchers.api_server import app_state
+
+    original_state = app_state.init_endpoint_plugins_state
+
+    async def init_endpoint_plugins_state(engine_client: Any, *rest: Any, **kwargs: Any) -> Any:
+        await require_armed_workers(engine_client)
+        return await original_state(engine_client, *rest, **kwargs)
+
+    app_state.init_endpoint_plugins_state = init_endpoint_plugins_state
+
 
 def _document_parameter(app: Any) -> None:
-    """Add `modality_steer` to the request schemas of the steered routes in the app's OpenAPI document."""
+    """Add `modality_steer` to the request schemas of the steered routes (:func:`classify_routes`) in the
+    app's OpenAPI document."""
     original = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -231,7 +465,7 @@ def _document_parameter(app: Any) -> None:
             geometry=plugin.geometry, max_gain=plugin.max_gain, allow_raw_heads=plugin.allow_raw_heads
         )
         schemas = document.get("components", {}).get("schemas", {})
-        for path in STEERED_PATHS:
+        for path in classify_routes(app).steered:
             content = document.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {})
             for media in content.get("content", {}).values():
                 refs = [media.get("schema", {})]

@@ -1,29 +1,70 @@
-"""What runs in the EngineCore: prefix-cache isolation between differently steered requests.
+"""What runs in the EngineCore: the boundary every request crosses, whatever route, frontend or entry
+point it came through.
 
-Steering changes the KV of every later layer, so steered and unsteered requests must never share cached
-blocks. The digest of a request's effective gains is folded into its `cache_salt` where the EngineCore
-first builds the request (`vllm/v1/request.py`, `Request.from_engine_core_request`): identical steering
-still shares blocks, different steering does not.
+Where the EngineCore first builds a request (`vllm/v1/request.py`, `Request.from_engine_core_request`,
+called from `EngineCore.preprocess_add_request` in `vllm/v1/engine/core.py`), its steering is decided
+under the deployment's :class:`~steer_server.serving.policy.Policy` (the same validation as the API,
+`--default-steer` when it asks for nothing, `--enforce-steer` overriding, anything else refused) and the
+decided spec is written back, canonical, into `SamplingParams.extra_args`, which the workers read. A
+refusal raises here, in the EngineCore's input thread, where vLLM fails that one request
+(`FinishReason.ERROR`) and keeps serving the others.
+
+Prefix caching: steering changes the KV of every later layer, so the cache salt of every request
+(unsteered ones included) is derived from the digest of its effective gains and a hash of the client's
+salt: identical steering with an identical client salt shares blocks, anything else cannot, whatever
+salt a client sends.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from typing import Any
 
-from ..spec import SpecError, gains_digest
-from .settings import EXTRA_ARGS_KEY, settings
+from ..spec import effective_gains, gains_digest
+from .policy import Policy, PolicyError, policy
+from .settings import EXTRA_ARGS_KEY
+
+logger = logging.getLogger("modality_steer")
 
 
-def steering_salt(existing: str | None, digest: str) -> str:
-    """Fold the steering digest into a request's cache salt (<= 128 chars, no '@', '/', '\\' or NUL)."""
-    salt = f"{existing}.ms{digest}" if existing else f"ms{digest}"
-    if len(salt) > 128:
-        raise SpecError("cache_salt is too long to carry the steering digest (128 characters at most)")
+def steering_salt(client_salt: str | None, gains: dict[tuple[int, int], float]) -> str:
+    """The prefix-cache salt of a request: ``ms<gains digest>`` and, when the client sent a salt,
+    ``.<32 hex of its SHA-256>``. At most 51 characters of ``[0-9a-z.]``, so always within vLLM's limits
+    (128 characters, no '@', '/', '\\' or NUL); a client salt can never equal or extend another
+    steering's salt, since it is hashed, not copied."""
+    salt = f"ms{gains_digest(gains)}"
+    if client_salt:
+        salt += "." + hashlib.sha256(client_salt.encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return salt
 
 
+def steer_engine_request(request: Any, contract: Policy) -> None:
+    """Decide an `EngineCoreRequest`'s steering under `contract`: write the canonical spec into its
+    sampling params' `extra_args` and derive its cache salt.
+
+    Raises:
+        PolicyError: the request's spec is malformed (400) or against the policy (403); a pooling request
+            when the deployment steers requests that ask for nothing (it cannot be steered).
+    """
+    params = request.sampling_params
+    if params is None:
+        if contract.constrains_unmarked_requests:
+            raise PolicyError(
+                403, "policy", "this deployment steers every request; pooling requests cannot be steered"
+            )
+        gains: dict[tuple[int, int], float] = {}
+    else:
+        extra = dict(params.extra_args or {})
+        spec = contract.resolve(extra.get(EXTRA_ARGS_KEY))
+        extra[EXTRA_ARGS_KEY] = spec.to_wire()
+        params.extra_args = extra
+        gains = effective_gains(spec, contract.plugin.profile)
+    request.cache_salt = steering_salt(request.cache_salt, gains)
+
+
 def patch_engine_core_request() -> None:
-    """Wrap `Request.from_engine_core_request` (idempotent)."""
+    """Wrap `Request.from_engine_core_request` with :func:`steer_engine_request` (idempotent)."""
     from vllm.v1.request import Request
 
     original = Request.from_engine_core_request.__func__  # type: ignore[attr-defined]
@@ -31,13 +72,13 @@ def patch_engine_core_request() -> None:
         return
 
     def from_engine_core_request(cls: Any, request: Any, block_hasher: Any) -> Any:
-        plugin = settings()
-        params = request.sampling_params
-        extra = (getattr(params, "extra_args", None) or {}) if params is not None else {}
-        if plugin is not None and EXTRA_ARGS_KEY in extra:
-            gains = plugin.gains_for(extra[EXTRA_ARGS_KEY])
-            if gains:
-                request.cache_salt = steering_salt(request.cache_salt, gains_digest(gains))
+        contract = policy()
+        if contract is not None:
+            try:
+                steer_engine_request(request, contract)
+            except PolicyError as exc:
+                logger.warning("modality-steer: refused request %s: %s", request.request_id, exc)
+                raise
         return original(cls, request, block_hasher)
 
     from_engine_core_request._modality_steer = True  # type: ignore[attr-defined]

@@ -3,15 +3,17 @@ a deployment runs.
 
 vLLM calls :func:`register` once in every process (API server, EngineCore, each worker;
 `vllm/plugins/__init__.py`, `load_general_plugins`). It is cheap and idempotent: with no profile
-configured it does nothing; with one it wraps the model runner (:mod:`.worker`), the EngineCore's request
-construction (:mod:`.engine_core`) and the API server's middleware (:mod:`.api`).
+configured it does nothing; with one it checks the deployment's settings and policy, and wraps the model
+runner (:mod:`.worker`), the EngineCore's request construction (:mod:`.engine_core`), the request
+builders (:mod:`.frontend`) and the API server (:mod:`.api`).
 """
 
 from __future__ import annotations
 
 from .api import patch_api_server
 from .engine_core import patch_engine_core_request
-from .settings import settings
+from .frontend import patch_request_builders
+from .policy import policy
 from .worker import patch_model_runner, select_v1_runner
 
 ENTRY_POINT_GROUP = "vllm.general_plugins"
@@ -24,15 +26,17 @@ def register() -> None:
     """vLLM entry point: install the steering hooks when a profile is configured.
 
     Raises:
-        steer_server.serving.settings.SteeringConfigError: the configured profile cannot be used, or the
+        steer_server.serving.settings.SteeringConfigError: the configured profile or policy cannot be used
+            (a default a request could not send, `--max-gain` below the profile's default gain), or the
             V2 model runner was asked for; the process stops before anything is served.
     """
     global _REGISTERED
-    if _REGISTERED or settings() is None:
+    if _REGISTERED or policy() is None:
         return
     select_v1_runner()
     patch_model_runner()
     patch_engine_core_request()
+    patch_request_builders()
     patch_api_server()
     _REGISTERED = True
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from ..data.prompts import INSTRUCTIONS, insert_instruction
@@ -19,14 +20,14 @@ from .settings import (
     INJECT_INSTRUCTION_ENV,
     INSTRUCTION_ENV,
     PluginSettings,
+    SteeringConfigError,
+    settings,
 )
 
 
 class PolicyError(Exception):
-    """The deployment's rules: the spec of a request without one (`--default-steer`), the spec every
-    request must run with (`--enforce-steer`), and whether and which instruction sentences are injected."""
-
-    """A request the deployment refuses: status 400 (malformed) or 403 (against policy)."""
+    """A request the deployment refuses: status 400 (malformed) or 403 (against policy); `reason` labels
+    the refusal in metrics ("invalid", "policy", "route")."""
 
     def __init__(self, status: int, reason: str, message: str) -> None:
         super().__init__(message)
@@ -36,6 +37,11 @@ class PolicyError(Exception):
 
 @dataclass(frozen=True)
 class Policy:
+    """The deployment's rules, the one steering contract every process applies (the API server's
+    middleware and request hooks, the EngineCore, offline and batch entry points): the spec of a request
+    without one (`--default-steer`), the spec every request must run with (`--enforce-steer`), and
+    whether and which instruction sentences the API server injects."""
+
     plugin: PluginSettings
     default: SteerSpec
     enforce: SteerSpec | None
@@ -44,11 +50,12 @@ class Policy:
 
     @classmethod
     def from_environment(cls, plugin: PluginSettings) -> Policy:
-        """The policy the environment configures (set by `modality-steer serve`).
+        """The policy the environment configures (set by `modality-steer serve`). A default must be one a
+        request could send on this server (raw heads only with `--allow-raw-heads`, gains within
+        `--max-gain`); an enforced spec must be 'image' or 'text', at most `--max-gain`.
 
         Raises:
-            steer_server.spec.SpecError: a default or enforced spec that does not parse, or an enforced
-                spec that is not 'image' or 'text'.
+            SteeringConfigError: a default or enforced spec that a request could not send.
         """
 
         def spec(env: str) -> SteerSpec | None:
@@ -57,14 +64,19 @@ class Policy:
                 return None
             try:
                 return parse_spec(
-                    raw, geometry=plugin.geometry, max_gain=plugin.max_gain, allow_raw_heads=True
+                    raw,
+                    geometry=plugin.geometry,
+                    max_gain=plugin.max_gain,
+                    allow_raw_heads=plugin.allow_raw_heads,
                 )
             except SpecError as exc:
-                raise SpecError(f"{env}={raw!r}: {exc}") from exc
+                raise SteeringConfigError(
+                    f"modality-steer: {env}={raw!r} is not a spec a request could send on this server: {exc}"
+                ) from exc
 
         enforce = spec(ENFORCE_STEER_ENV)
         if enforce is not None and enforce.mode not in ("image", "text"):
-            raise SpecError(f"{ENFORCE_STEER_ENV} must be 'image' or 'text'")
+            raise SteeringConfigError(f"modality-steer: {ENFORCE_STEER_ENV} must be 'image' or 'text'")
         return cls(
             plugin=plugin,
             default=spec(DEFAULT_STEER_ENV) or OFF,
@@ -74,6 +86,11 @@ class Policy:
                 mode: os.environ.get(env) or INSTRUCTIONS[mode] for mode, env in INSTRUCTION_ENV.items()
             },
         )
+
+    @property
+    def constrains_unmarked_requests(self) -> bool:
+        """Whether a request that says nothing about steering is steered (a default or an enforcement)."""
+        return self.enforce is not None or self.default.mode != "off"
 
     def parse(self, value: Any, *, allow_raw_heads: bool | None = None) -> SteerSpec:
         """Parse a request's value under the deployment's limits.
@@ -89,45 +106,77 @@ class Policy:
         except SpecError as exc:
             raise PolicyError(400, "invalid", str(exc)) from exc
 
-    def decide(self, payload: dict[str, Any]) -> SteerSpec:
-        """The spec a request runs with, or PolicyError."""
-        top_level = payload.get(EXTRA_ARGS_KEY)
-        xargs = payload.get("vllm_xargs")
-        if xargs is not None and not isinstance(xargs, dict):
-            raise PolicyError(400, "invalid", "vllm_xargs must be an object")
-        in_xargs = (xargs or {}).get(EXTRA_ARGS_KEY)
-        if top_level is not None and in_xargs is not None:
-            raise PolicyError(400, "invalid", "give modality_steer once: top level or vllm_xargs, not both")
-        if in_xargs is not None and not isinstance(in_xargs, str):
-            raise PolicyError(400, "invalid", "vllm_xargs.modality_steer must be a string (JSON for objects)")
-        asked = top_level if top_level is not None else in_xargs
-        if self.enforce is not None:
-            if asked is None:
-                return self.enforce
-            # Malformed is 400; anything well formed that differs from the enforced steering (raw heads
-            # included) is refused by policy.
-            requested = self.parse(asked, allow_raw_heads=True)
-            if requested != self.enforce:
-                raise PolicyError(
-                    403,
-                    "policy",
-                    f"this deployment enforces modality_steer={self.enforce.to_wire()!r}; the request asked for "
-                    f"{requested.to_wire()!r}",
-                )
+    def resolve(self, asked: Any | None) -> SteerSpec:
+        """The spec a request runs with, given what it asked for (None: nothing).
+
+        Raises:
+            PolicyError: 400 for a malformed value; 403 for a well-formed one that differs from the
+                enforced steering (raw heads included).
+        """
+        if self.enforce is None:
+            return self.parse(asked) if asked is not None else self.default
+        if asked is None:
             return self.enforce
-        return self.parse(asked) if asked is not None else self.default
+        requested = self.parse(asked, allow_raw_heads=True)
+        if requested != self.enforce:
+            raise PolicyError(
+                403,
+                "policy",
+                f"this deployment enforces modality_steer={self.enforce.to_wire()!r}; the request asked for "
+                f"{requested.to_wire()!r}",
+            )
+        return self.enforce
+
+    def decide(self, payload: dict[str, Any]) -> SteerSpec:
+        """The spec an HTTP request body runs with: `modality_steer` at its top level or as the string
+        `vllm_xargs.modality_steer`, through :meth:`resolve`.
+
+        Raises:
+            PolicyError: see :meth:`resolve`; also 400 when the value is given twice or `vllm_xargs` is
+                malformed.
+        """
+        return self.resolve(asked_spec(payload))
+
+
+def asked_spec(payload: dict[str, Any]) -> Any | None:
+    """What a request body asks for: top-level `modality_steer` or `vllm_xargs.modality_steer` (None:
+    neither).
+
+    Raises:
+        PolicyError: 400 when given twice, when `vllm_xargs` is not an object, or when the `vllm_xargs`
+            value is not a string.
+    """
+    top_level = payload.get(EXTRA_ARGS_KEY)
+    xargs = payload.get("vllm_xargs")
+    if xargs is not None and not isinstance(xargs, dict):
+        raise PolicyError(400, "invalid", "vllm_xargs must be an object")
+    in_xargs = (xargs or {}).get(EXTRA_ARGS_KEY)
+    if top_level is not None and in_xargs is not None:
+        raise PolicyError(400, "invalid", "give modality_steer once: top level or vllm_xargs, not both")
+    if in_xargs is not None and not isinstance(in_xargs, str):
+        raise PolicyError(400, "invalid", "vllm_xargs.modality_steer must be a string (JSON for objects)")
+    return top_level if top_level is not None else in_xargs
+
+
+@cache
+def policy() -> Policy | None:
+    """This process's policy from the environment (read once); None when no profile is configured.
+
+    Raises:
+        SteeringConfigError: see :meth:`Policy.from_environment` and
+            :func:`~steer_server.serving.settings.settings`.
+    """
+    plugin = settings()
+    return None if plugin is None else Policy.from_environment(plugin)
 
 
 def rewrite(payload: dict[str, Any], spec: SteerSpec, policy: Policy) -> dict[str, Any]:
-    """The body vLLM receives: no top-level field, the canonical spec in vllm_xargs, maybe the instruction."""
+    """The body vLLM receives: no top-level field, the canonical spec (also "off": the engine then does
+    not apply a default to it) in vllm_xargs, maybe the instruction."""
     body = {k: v for k, v in payload.items() if k != EXTRA_ARGS_KEY}
     xargs = {k: v for k, v in (body.get("vllm_xargs") or {}).items() if k != EXTRA_ARGS_KEY}
-    if spec.mode != "off":
-        xargs[EXTRA_ARGS_KEY] = spec.to_wire()
-    if xargs:
-        body["vllm_xargs"] = xargs
-    else:
-        body.pop("vllm_xargs", None)
+    xargs[EXTRA_ARGS_KEY] = spec.to_wire()
+    body["vllm_xargs"] = xargs
     if policy.inject_instruction and spec.mode in ("image", "text"):
         _inject(body, policy.instructions[spec.mode])
     return body

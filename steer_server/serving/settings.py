@@ -5,6 +5,7 @@ vLLM spawns inherits.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -67,7 +68,8 @@ def settings() -> PluginSettings | None:
     configured.
 
     Raises:
-        SteeringConfigError: the profile cannot be used or MODALITY_STEER_MAX_GAIN is not a number.
+        SteeringConfigError: the profile cannot be used, MODALITY_STEER_MAX_GAIN is not a finite number
+            >= 0, or it is below the profile's `default_gain`.
     """
     path = os.environ.get(PROFILE_ENV)
     if not path:
@@ -80,6 +82,16 @@ def settings() -> PluginSettings | None:
         max_gain = float(os.environ.get(MAX_GAIN_ENV, DEFAULT_MAX_GAIN))
     except ValueError as exc:
         raise SteeringConfigError(f"{MAX_GAIN_ENV} must be a number") from exc
+    if not 0 <= max_gain < math.inf:
+        raise SteeringConfigError(f"{MAX_GAIN_ENV} must be a finite number >= 0, got {max_gain}")
+    if profile.default_gain > max_gain:
+        # A bare "image" / "text" request runs at the profile's default gain; a server whose limit is
+        # below it would either break its own limit or refuse its simplest requests.
+        raise SteeringConfigError(
+            f"modality-steer: --max-gain {max_gain:g} is below the profile's default_gain "
+            f"{profile.default_gain:g} ({path}): a bare 'image' or 'text' request would exceed it; raise "
+            "--max-gain or use a profile with a smaller default_gain"
+        )
     return PluginSettings(
         profile_path=Path(path),
         profile=profile,

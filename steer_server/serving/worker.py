@@ -45,8 +45,53 @@ def select_v1_runner() -> None:
         logger.warning("modality-steer: selected vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
 
 
+def engine_refusals(config: Any, local_heads: int, max_tokens: int) -> list[str]:
+    """Engine configurations under which the plugin's hooks would not run or would mis-map tokens,
+    named (empty: none). Read from a `VllmConfig`.
+
+    - speculative decoding, MLA attention, attention that fuses FP8 output quantisation;
+    - micro-batching (`--enable-dbo`, `--ubatch-size` > 1): attention runs once per micro-batch, with
+      token offsets the per-step slot map does not follow (`vllm/v1/worker/ubatching.py`);
+    - vLLM's V2 model runner (`VllmConfig.use_v2_model_runner`; watermarking forces it even with
+      `VLLM_USE_V2_MODEL_RUNNER=0`): it keeps no sampling parameters per request;
+    - limits of the kernel: local heads per rank and tokens per step
+      (`steer_server.kernels.head_scale.MAX_HEADS`, `MAX_TOKENS`).
+    """
+    from ..kernels.head_scale import MAX_HEADS, MAX_TOKENS
+
+    refusals = []
+    if config.speculative_config is not None:
+        refusals.append("speculative decoding")
+    parallel = config.parallel_config
+    if getattr(parallel, "enable_dbo", False) or int(getattr(parallel, "ubatch_size", 0) or 0) > 1:
+        refusals.append("micro-batching (--enable-dbo, --ubatch-size)")
+    if getattr(config.model_config, "use_mla", False):
+        refusals.append("MLA attention")
+    pass_config = getattr(config.compilation_config, "pass_config", None)
+    if pass_config is not None and (
+        getattr(pass_config, "fuse_attn_quant", False) or getattr(pass_config, "enable_attn_fusion", False)
+    ):
+        refusals.append("attention with fused FP8 output quantisation")
+    if getattr(config, "use_v2_model_runner", False):
+        refusals.append("vLLM's V2 model runner (set VLLM_USE_V2_MODEL_RUNNER=0, and no watermarking)")
+    if local_heads > MAX_HEADS:
+        refusals.append(f"{local_heads} attention heads per rank (the kernel takes {MAX_HEADS})")
+    if max_tokens > MAX_TOKENS:
+        refusals.append(
+            f"{max_tokens} tokens per step (the kernel takes {MAX_TOKENS}; lower --max-num-batched-tokens)"
+        )
+    return refusals
+
+
 class WorkerSteering:
-    """Per-worker steering state: persistent buffers, slots, and the per-step slot map."""
+    """Per-worker steering state: persistent buffers, slots, and the per-step slot map.
+
+    Slots are rows of the per-layer gain tables, one per distinct configuration (gains digest); row 0 is
+    all ones (unsteered tokens and padding). Rows are assigned per step from the scheduled batch, which
+    holds at most `max_num_reqs` requests, so a step always finds rows for its configurations, however
+    many configurations wait in the queue or sit preempted; a row is reused while its configuration is
+    scheduled and freed when no live request has it.
+    """
 
     def __init__(self, runner: Any, plugin: PluginSettings) -> None:
         import torch
@@ -61,6 +106,11 @@ class WorkerSteering:
         self.layers = _decoder_attention_layers(runner.model)
         self._check_model(runner)
         self.local_heads = int(next(iter(self.layers.values())).num_heads)
+        refusals = engine_refusals(runner.vllm_config, self.local_heads, self.max_tokens)
+        if refusals:
+            raise SteeringConfigError(
+                f"modality-steer does not support {', '.join(refusals)}; refusing to start"
+            )
         first = self.tp_rank * self.local_heads
         # Global (layer, head) of the profile → this rank's steered layers and local head indices.
         wanted = {lh for mode in ("image", "text") for lh in plugin.profile.heads(mode)}
@@ -76,9 +126,12 @@ class WorkerSteering:
         self._slot_map_cpu = torch.zeros(self.max_tokens, dtype=torch.int32)
         self._dirty = 0  # slot-map entries that may be non-zero since the last reset
         self.active = False
+        self._digest_of_request: dict[str, str | None] = {}  # None: unsteered
+        self._gains_of_digest: dict[str, dict[tuple[int, int], float]] = {}
         self._slot_of_digest: dict[str, int] = {}
-        self._refs: dict[int, set[str]] = {}
-        self._slot_of_request: dict[str, int] = {}
+        self._digest_of_slot: dict[int, str] = {}
+        self._last_step_of_digest: dict[str, int] = {}
+        self._step = 0
         for layer in self.steered_layers:
             _wrap_attention(self.layers[layer], self, self.tables[layer])
         logger.info(
@@ -99,7 +152,7 @@ class WorkerSteering:
             )
         sample = next(iter(self.layers.values()))
         served = (len(self.layers), int(sample.num_heads) * self.tp_size, int(sample.head_size))
-        profiled = (model_info.num_layers, model_info.num_heads, model_info.head_dim)
+        profiled = model_info.shape()
         if served != profiled:
             raise SteeringConfigError(
                 f"modality-steer: the profile {self.plugin.profile_path} is for a model with {profiled[0]} layers x "
@@ -119,89 +172,85 @@ class WorkerSteering:
                     f"modality-steer: the profile {self.plugin.profile_path} was made for model fingerprint "
                     f"{model_info.fingerprint}, but {model_dir} has {served_print}"
                 )
-        config = runner.vllm_config
-        refusals = []
-        if config.speculative_config is not None:
-            refusals.append("speculative decoding")
-        if getattr(config.parallel_config, "enable_dbo", False):
-            refusals.append("dual-batch overlap")
-        if getattr(config.model_config, "use_mla", False):
-            refusals.append("MLA attention")
-        pass_config = getattr(config.compilation_config, "pass_config", None)
-        if pass_config is not None and (
-            getattr(pass_config, "fuse_attn_quant", False)
-            or getattr(pass_config, "enable_attn_fusion", False)
-        ):
-            refusals.append("attention with fused FP8 output quantisation")
-        if refusals:
-            raise SteeringConfigError(
-                f"modality-steer does not support {', '.join(refusals)}; refusing to start"
-            )
 
-    # ---- slots -------------------------------------------------------------------------------
+    # ---- configurations and slots --------------------------------------------------------------
 
-    def _slot_for(self, request_id: str, sampling_params: Any) -> int:
-        known = self._slot_of_request.get(request_id)
-        if known is not None:
-            return known
+    def _digest_for(self, request_id: str, sampling_params: Any) -> str | None:
+        """The request's configuration (gains digest; None: unsteered), parsed once per request. The
+        EngineCore has decided and validated the spec under the same settings."""
+        if request_id in self._digest_of_request:
+            return self._digest_of_request[request_id]
         extra = getattr(sampling_params, "extra_args", None) or {}
         try:
             gains = self.plugin.gains_for(extra.get(EXTRA_ARGS_KEY))
-        except SpecError as exc:
+        except SpecError as exc:  # only if the processes disagree on their settings
             raise SteeringConfigError(
-                f"modality-steer: request {request_id} carries an invalid spec: {exc}"
+                f"modality-steer: request {request_id} reached a worker with a spec its settings refuse: {exc}"
             ) from exc
-        slot = 0
-        if gains:
-            digest = gains_digest(gains)
-            slot = self._slot_of_digest.get(digest, 0)
-            if slot == 0:
-                slot = self._allocate(digest, gains)
-            self._refs[slot].add(request_id)
-        self._slot_of_request[request_id] = slot
-        return slot
+        digest = gains_digest(gains) if gains else None
+        if digest is not None:
+            self._gains_of_digest[digest] = gains
+        self._digest_of_request[request_id] = digest
+        return digest
 
-    def _allocate(self, digest: str, gains: dict[tuple[int, int], float]) -> int:
-        free = next((s for s in range(1, self.max_slots) if s not in self._refs), None)
+    def _place(self, digest: str, needed: set[str]) -> None:
+        """Give `digest` a row: its own if it has one, else a free row, else the least recently used row
+        of a configuration this step does not need."""
+        self._last_step_of_digest[digest] = self._step
+        if digest in self._slot_of_digest:
+            return
+        free = next((s for s in range(1, self.max_slots) if s not in self._digest_of_slot), None)
         if free is None:
-            raise SteeringConfigError(
-                "modality-steer: no free steering slot (more configurations than max_num_seqs)"
-            )
+            idle = [s for s, d in self._digest_of_slot.items() if d not in needed]
+            # At most max_num_reqs configurations are scheduled in a step, and there are as many rows.
+            assert idle, "more configurations in one step than slots"
+            free = min(idle, key=lambda s: self._last_step_of_digest.get(self._digest_of_slot[s], -1))
+            self._clear(free)
+        gains = self._gains_of_digest[digest]
+        for table in self.tables.values():
+            table[free].fill_(1.0)
         for (layer, head), gain in gains.items():
             local = head - self.first_head
             if 0 <= local < self.local_heads:
                 self.tables[layer][free, local] = gain
         self._slot_of_digest[digest] = free
-        self._refs[free] = set()
-        return free
+        self._digest_of_slot[free] = digest
+
+    def _clear(self, slot: int) -> None:
+        digest = self._digest_of_slot.pop(slot)
+        del self._slot_of_digest[digest]
+        for table in self.tables.values():
+            table[slot].fill_(1.0)
 
     def release(self, live_requests: Any) -> None:
-        """Free the slots of requests that finished or were aborted (they left the runner's requests)."""
-        for request_id in [r for r in self._slot_of_request if r not in live_requests]:
-            slot = self._slot_of_request.pop(request_id)
-            if slot == 0:
-                continue
-            holders = self._refs[slot]
-            holders.discard(request_id)
-            if not holders:
-                del self._refs[slot]
-                self._slot_of_digest = {d: s for d, s in self._slot_of_digest.items() if s != slot}
-                for table in self.tables.values():
-                    table[slot].fill_(1.0)
+        """Forget requests that finished or were aborted (they left the runner's requests); free the rows
+        of configurations no live request has."""
+        for request_id in [r for r in self._digest_of_request if r not in live_requests]:
+            del self._digest_of_request[request_id]
+        live = set(self._digest_of_request.values())
+        for slot in [s for s, d in self._digest_of_slot.items() if d not in live]:
+            self._clear(slot)
+        for digest in [d for d in self._gains_of_digest if d not in live]:
+            del self._gains_of_digest[digest]
+            self._last_step_of_digest.pop(digest, None)
 
     @property
     def slots_in_use(self) -> int:
         """Slots currently holding a configuration (row 0, unsteered, is not counted)."""
-        return len(self._refs)
+        return len(self._digest_of_slot)
 
     def state(self) -> dict[str, Any]:
-        """What a debug endpoint shows: slots held (by how many requests) and requests tracked."""
+        """What the state endpoint and the start-up handshake read: armed, with which profile, on which
+        layers, slots held, requests tracked (and of them steered)."""
         return {
+            "armed": True,
+            "profile_id": self.plugin.profile.profile_id,
             "tp_rank": self.tp_rank,
+            "steered_layers": self.steered_layers,
             "slots_in_use": self.slots_in_use,
             "max_slots": self.max_slots - 1,
-            "requests_tracked": len(self._slot_of_request),
-            "requests_steered": sum(len(holders) for holders in self._refs.values()),
+            "requests_tracked": len(self._digest_of_request),
+            "requests_steered": sum(d is not None for d in self._digest_of_request.values()),
         }
 
     # ---- per step ----------------------------------------------------------------------------
@@ -211,15 +260,19 @@ class WorkerSteering:
         `_prepare_inputs`; tokens laid out in batch order, `num_scheduled_tokens[i]` for request i).
 
         Raises:
-            SteeringConfigError: more tokens than the slot map holds, no free slot, or an invalid spec.
+            SteeringConfigError: more tokens than the slot map holds (refused at start-up, so only on a
+                broken invariant), or a spec the worker's settings refuse.
         """
         import numpy as np
 
+        self._step += 1
         num_reqs = runner.input_batch.num_reqs
         request_ids = runner.input_batch.req_ids[:num_reqs]
-        slots = np.array(
-            [self._slot_for(r, runner.requests[r].sampling_params) for r in request_ids], dtype=np.int32
-        )
+        digests = [self._digest_for(r, runner.requests[r].sampling_params) for r in request_ids]
+        needed = {d for d in digests if d is not None}
+        for digest in needed:
+            self._place(digest, needed)
+        slots = np.array([0 if d is None else self._slot_of_digest[d] for d in digests], dtype=np.int32)
         counts = np.asarray(num_scheduled_tokens[:num_reqs])
         total = int(counts.sum())
         if total > self.max_tokens:
@@ -308,10 +361,20 @@ def patch_model_runner() -> None:
 
 
 def _worker_state(worker: Any) -> dict[str, Any]:
-    """Run in a worker by `collective_rpc` (the API server's state endpoint)."""
-    state: WorkerSteering | None = getattr(worker.model_runner, "_modality_steer", None)
+    """Run in a worker by `collective_rpc` (the state endpoint and the start-up handshake).
+
+    Raises:
+        SteeringConfigError: the worker's model runner was not set up for steering (named: the V2 runner,
+            or an unknown runner class).
+    """
+    runner = worker.model_runner
+    state: WorkerSteering | None = getattr(runner, "_modality_steer", None)
     if state is None:
-        raise SteeringConfigError("modality-steer: this worker's model runner was not set up")
+        refusals = engine_refusals(worker.vllm_config, 0, 0)
+        raise SteeringConfigError(
+            f"modality-steer: this worker's model runner ({type(runner).__module__}.{type(runner).__name__}) "
+            f"was not set up for steering{': ' + ', '.join(refusals) if refusals else ''}"
+        )
     return state.state()
 
 
