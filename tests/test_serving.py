@@ -84,23 +84,6 @@ def test_unsteered_requests_are_bit_identical_to_plain_vllm(tiny_llava, llava_se
     assert steered_side == plain_side
 
 
-def test_prefix_cache_never_mixes_steering(tiny_llava, llava_profile, llava_server, serve_samples):
-    sequence = [
-        "off",
-        {"follow": "image", "gain": 0},
-        "off",
-        {"follow": "image", "gain": 0},
-        "image",
-        "image",
-    ]
-    sample = serve_samples[5]
-    cached = [served_steps(chat(llava_server.client(), str(tiny_llava), sample, s)) for s in sequence]
-    with serve(tiny_llava, llava_profile, "--enforce-eager", "--no-enable-prefix-caching") as fresh:
-        uncached = [served_steps(chat(fresh.client(), str(tiny_llava), sample, s)) for s in sequence]
-    assert cached == uncached
-    assert cached[0] != cached[1]
-
-
 def test_tensor_parallel_2_equals_1(tiny_llava, llava_profile, llava_server, serve_samples):
     env = dict(__import__("os").environ, VLLM_CPU_OMP_THREADS_BIND="0|1")
     tp1 = [

@@ -1,0 +1,685 @@
+"""The steering contract, enforced in the engine: every route of the running app, the non-HTTP entry
+points, beam search, the root path, cache salts no client can forge, server defaults, start-up refusals
+and the handshake, and slots under preemption (real vLLM on CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from helpers import assert_same_steps, reference_steps, serve
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from steer_server.data.prompts import openai_messages
+from steer_server.hf.model import load_model
+from steer_server.profile import load_profile
+from steer_server.serving.api import require_armed_workers
+from steer_server.serving.engine_core import steering_salt
+from steer_server.serving.launcher import CPU_DEFAULT_ARGS, free_port
+from steer_server.serving.worker import engine_refusals
+from steer_server.spec import gains_digest
+
+CLI = [sys.executable, "-m", "steer_server.cli"]
+ROOT = "/api"
+
+# The routes of vLLM 0.32's server (this model: generate task) that modality-steer refuses by default.
+# A route vLLM adds shows up in the state endpoint's table and makes test_every_route_is_classified fail.
+EXPECTED_REFUSED = {
+    "/generative_scoring",
+    "/inference/v1/generate",
+    "/invocations",
+    "/v1/chat/completions/batch",
+    "/v1/systemone",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cheap checks: salts, engine refusals, the handshake.
+# --------------------------------------------------------------------------------------------------
+
+
+GAINS = st.dictionaries(
+    st.tuples(st.integers(0, 7), st.integers(0, 7)), st.floats(0, 8, allow_nan=False), max_size=4
+)
+
+
+@hypothesis_settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    client_a=st.one_of(st.none(), st.text(max_size=128)),
+    client_b=st.one_of(st.none(), st.text(max_size=128)),
+    gains_a=GAINS,
+    gains_b=GAINS,
+)
+def test_no_client_salt_reaches_another_steerings_blocks(client_a, client_b, gains_a, gains_b):
+    """Two requests share prefix-cache blocks exactly when their gains and their client salts agree,
+    whatever the client salts are; every salt stays within vLLM's limits."""
+    a, b = steering_salt(client_a, gains_a), steering_salt(client_b, gains_b)
+    for salt in (a, b):
+        assert len(salt) <= 51 and set(salt) <= set("0123456789abcdefms.")
+    same_steering = gains_digest(gains_a) == gains_digest(gains_b)
+    assert (a == b) == (same_steering and (client_a or None) == (client_b or None))
+
+
+def test_forged_salt_of_the_old_scheme_is_hashed():
+    """The salt a client could compute before (`"ms" + digest`) is just a client salt now."""
+    steered = steering_salt(None, {(1, 3): 0.0})
+    assert steering_salt(steered, {}) != steered
+    assert steering_salt(steered, {}).startswith(steering_salt(None, {}) + ".")
+
+
+def _config(**overrides: Any) -> SimpleNamespace:
+    base = {
+        "speculative_config": None,
+        "parallel_config": SimpleNamespace(enable_dbo=False, ubatch_size=0),
+        "model_config": SimpleNamespace(use_mla=False),
+        "compilation_config": SimpleNamespace(pass_config=SimpleNamespace(fuse_attn_quant=False)),
+        "use_v2_model_runner": False,
+    }
+    base.update(overrides)
+    return SimpleNamespace(**base)
+
+
+REFUSALS = [
+    ({}, 8, 2048, None),
+    ({"use_v2_model_runner": True}, 8, 2048, "V2 model runner"),
+    ({"parallel_config": SimpleNamespace(enable_dbo=True, ubatch_size=0)}, 8, 2048, "micro-batching"),
+    ({"parallel_config": SimpleNamespace(enable_dbo=False, ubatch_size=2)}, 8, 2048, "micro-batching"),
+    ({"speculative_config": object()}, 8, 2048, "speculative decoding"),
+    ({"model_config": SimpleNamespace(use_mla=True)}, 8, 2048, "MLA attention"),
+    (
+        {"compilation_config": SimpleNamespace(pass_config=SimpleNamespace(fuse_attn_quant=True))},
+        8,
+        2048,
+        "fused FP8",
+    ),
+    ({}, 129, 2048, "129 attention heads per rank"),
+    ({}, 8, 70000, "70000 tokens per step"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "heads", "tokens", "needle"), REFUSALS)
+def test_engine_refusals_name_the_configuration(overrides, heads, tokens, needle):
+    found = engine_refusals(_config(**overrides), heads, tokens)
+    if needle is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and needle in found[0], found
+
+
+def test_handshake_refuses_an_unarmed_or_silent_worker(monkeypatch, llava_profile):
+    from steer_server.serving import settings as settings_module
+    from steer_server.serving.settings import SteeringConfigError
+
+    monkeypatch.setenv("MODALITY_STEER_PROFILE", str(llava_profile))
+    settings_module.settings.cache_clear()
+    profile_id = load_profile(llava_profile).profile_id
+
+    class Engine:
+        def __init__(self, answer: Any) -> None:
+            self.answer = answer
+
+        async def collective_rpc(self, method: str) -> Any:
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+    try:
+        armed = [{"armed": True, "profile_id": profile_id}]
+        assert asyncio.run(require_armed_workers(Engine(armed))) == armed
+        for answer, needle in (
+            (RuntimeError("no such method modality_steer_state"), "did not report steering armed"),
+            ([{"armed": True, "profile_id": "another"}], "not armed"),
+            ([], "not armed"),
+        ):
+            with pytest.raises(SteeringConfigError, match=needle):
+                asyncio.run(require_armed_workers(Engine(answer)))
+    finally:
+        settings_module.settings.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Every route of the running app.
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def enforced(tiny_llava, llava_profile):
+    """Every request text-steered, served under a root path."""
+    with serve(
+        tiny_llava,
+        llava_profile,
+        "--enforce-eager",
+        "--root-path",
+        ROOT,
+        steer_args=["--enforce-steer", "text", "--allow-raw-heads"],
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def open_server(tiny_llava, llava_profile):
+    """No policy; 16-token KV blocks so that short prompts hit the prefix cache."""
+    with serve(
+        tiny_llava,
+        llava_profile,
+        "--enforce-eager",
+        "--block-size",
+        "16",
+        "--enable-prompt-tokens-details",
+    ) as server:
+        yield server
+
+
+def _post(server: Any, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+    request = urllib.request.Request(
+        f"{server.base_url}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}"), dict(error.headers)
+
+
+def _state(server: Any) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{server.base_url}/v1/modality_steer/state", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _bodies(model: str, sample: Any) -> dict[str, dict[str, Any]]:
+    """A valid request without steering for every route that reaches generation and that modality-steer
+    handles; a steered route missing here fails test_every_route_reaching_generation_obeys_the_policy."""
+    return {
+        "/v1/chat/completions": {
+            "model": model,
+            "messages": openai_messages(sample),
+            "max_tokens": 3,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 5,
+            "ignore_eos": True,
+        },
+        "/v1/completions": {
+            "model": model,
+            "prompt": "USER: What colour is the object?\nASSISTANT:",
+            "max_tokens": 3,
+            "temperature": 0,
+            "logprobs": 5,
+            "ignore_eos": True,
+        },
+        "/v1/responses": {"model": model, "input": "What colour is the object?", "max_output_tokens": 3},
+        "/v1/messages": {
+            "model": model,
+            "messages": [{"role": "user", "content": "What colour is the object?"}],
+            "max_tokens": 3,
+        },
+    }
+
+
+def _answer(path: str, body: dict[str, Any]) -> Any:
+    """What a route answered: its tokens with top logprobs where it has them, else its text."""
+    if path == "/v1/chat/completions":
+        return [
+            (s["token"], {t["token"]: round(t["logprob"], 4) for t in s["top_logprobs"]})
+            for s in body["choices"][0]["logprobs"]["content"]
+        ]
+    if path == "/v1/completions":
+        return body["choices"][0]["logprobs"]["top_logprobs"]
+    if path == "/v1/responses":
+        return body["output"]
+    return body["content"]
+
+
+def test_every_route_is_classified(enforced, open_server):
+    """The route table is derived from the running app: every path of its OpenAPI document is steered,
+    inert or refused, and the refused ones are exactly those this vLLM version is known to have."""
+    for server, prefix in ((enforced, ROOT), (open_server, "")):
+        routes = _state(server)["routes"]
+        with urllib.request.urlopen(f"{server.base_url}{prefix}/openapi.json", timeout=30) as response:
+            document = json.loads(response.read())
+        known = set(routes["steered"]) | set(routes["inert"]) | set(routes["refused"])
+        assert set(document["paths"]) <= known, set(document["paths"]) - known
+        assert set(routes["refused"]) == EXPECTED_REFUSED, routes["refused"]
+        assert {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"} <= set(
+            routes["steered"]
+        )
+
+
+def test_every_route_reaching_generation_obeys_the_policy(
+    enforced, open_server, tiny_llava, llava_profile, serve_samples
+):
+    model = str(tiny_llava)
+    bodies = _bodies(model, serve_samples[3])
+    routes = _state(enforced)["routes"]
+    assert set(routes["steered"]) <= set(bodies), "a steered route the tests do not know"
+    for path in routes["steered"]:
+        body = bodies[path]
+        for server, prefix in ((enforced, ROOT), (open_server, "")):
+            for bad in ("bogus", {"follow": "image", "gain": -1}, {"follow": "sideways"}):
+                status, error, _ = _post(server, prefix + path, {**body, "modality_steer": bad})
+                assert status == 400 and error["error"]["param"] == "modality_steer", (path, bad, error)
+                status, error, _ = _post(
+                    server, prefix + path, {**body, "vllm_xargs": {"modality_steer": json.dumps(bad)}}
+                )
+                assert status == 400 and error["error"]["param"] == "modality_steer", (path, bad, error)
+        for asked in ("image", {"follow": "text", "gain": 0}, "off", {"heads": [[0, 1, 2.0]]}):
+            status, error, _ = _post(enforced, ROOT + path, {**body, "modality_steer": asked})
+            assert status == 403 and error["error"]["param"] == "modality_steer", (path, asked, error)
+        status, implicit, headers = _post(enforced, ROOT + path, body)
+        assert status == 200, (path, implicit)
+        assert headers["x-modality-steer"].startswith("mode=text; gain=3"), (path, headers)
+        status, explicit, _ = _post(enforced, ROOT + path, {**body, "modality_steer": "text"})
+        assert status == 200 and _answer(path, implicit) == _answer(path, explicit), path
+    # The chat answer under enforcement is the text-steered one of an independent implementation.
+    status, reply, _ = _post(enforced, ROOT + "/v1/chat/completions", bodies["/v1/chat/completions"])
+    expected = reference_steps(load_model(tiny_llava), load_profile(llava_profile), serve_samples[3], "text")
+    got = [
+        (token.strip(), {k.strip(): v for k, v in top.items()})
+        for token, top in _answer("/v1/chat/completions", reply)
+    ]
+    assert_same_steps(got, expected, 1e-3)
+    for path in routes["refused"]:
+        status, error, _ = _post(enforced, ROOT + path, {"model": model, "prompt": "hi"})
+        assert status == 403 and error["error"]["param"] == "modality_steer", (path, error)
+        status, error, _ = _post(open_server, path, {"model": model, "modality_steer": "text"})
+        assert status == 400 and "does not take modality_steer" in error["error"]["message"], (path, error)
+
+
+def test_root_path_is_matched_as_the_router_matches_it(enforced, tiny_llava):
+    body = {"model": str(tiny_llava), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for path in (f"{ROOT}/v1/chat/completions", "/v1/chat/completions"):
+        status, error, _ = _post(enforced, path, {**body, "modality_steer": "image"})
+        assert status == 403, (path, error)
+        status, _, headers = _post(enforced, path, body)
+        assert status == 200 and headers["x-modality-steer"].startswith("mode=text"), path
+
+
+def test_beam_search_is_refused_with_steering_and_runs_enforced(
+    enforced, open_server, tiny_llava, serve_samples
+):
+    model = str(tiny_llava)
+    beam = {"model": model, "max_tokens": 3, "use_beam_search": True, "n": 1, "ignore_eos": True}
+    for steer in ({"follow": "image", "gain": 0}, "text", {"heads": [[0, 1, 0.0]]}):
+        status, error, _ = _post(
+            open_server,
+            "/v1/chat/completions",
+            {**beam, "messages": openai_messages(serve_samples[0]), "modality_steer": steer},
+        )
+        assert status == 400 and "beam search" in error["error"]["message"], error
+    # Under enforcement beam search runs text-steered: with one beam it is the greedy text-steered answer.
+    for sample in serve_samples[:8]:
+        messages = openai_messages(sample)
+        status, searched, _ = _post(enforced, ROOT + "/v1/chat/completions", {**beam, "messages": messages})
+        assert status == 200, searched
+        status, greedy, _ = _post(
+            enforced,
+            ROOT + "/v1/chat/completions",
+            {"model": model, "messages": messages, "max_tokens": 3, "temperature": 0, "ignore_eos": True},
+        )
+        assert searched["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
+
+
+def _completion(server: Any, model: str, prompt: str, **fields: Any) -> dict[str, Any]:
+    status, body, _ = _post(
+        server,
+        "/v1/completions",
+        {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "logprobs": 5, **fields},
+    )
+    assert status == 200, body
+    return body
+
+
+def _close(a: dict[str, Any], b: dict[str, Any], tolerance: float = 1e-4) -> bool:
+    """Same tokens, and top logprobs within `tolerance` (a cached prefix is not recomputed in the same
+    shapes, so the last digits may differ)."""
+    steps_a, steps_b = (r["choices"][0]["logprobs"] for r in (a, b))
+    if steps_a["tokens"] != steps_b["tokens"]:
+        return False
+    for top_a, top_b in zip(steps_a["top_logprobs"], steps_b["top_logprobs"], strict=True):
+        if set(top_a) != set(top_b) or any(abs(top_a[t] - top_b[t]) > tolerance for t in top_a):
+            return False
+    return True
+
+
+def _assert_close(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert _close(a, b), (a["choices"][0]["logprobs"], b["choices"][0]["logprobs"])
+
+
+LONG_PROMPT = "USER: " + " ".join(["red blue green circle square"] * 52) + "\nASSISTANT:"
+
+
+def test_prefix_cache_is_shared_only_by_identical_steering(open_server, tiny_llava, llava_profile):
+    """Real cache hits (16-token blocks, a 260-token prompt), never across steering: not for unsteered
+    requests whose client salt is a steered request's salt of the old scheme, nor for long salts."""
+    model = str(tiny_llava)
+    forged = steering_salt(None, {(1, 3): 0.0})  # what a client who has the profile can compute
+    steer = {"follow": "text", "gain": 0}
+    first = _completion(open_server, model, LONG_PROMPT, cache_salt=forged)
+    assert first["usage"]["prompt_tokens"] >= 256
+    steered = _completion(open_server, model, LONG_PROMPT, modality_steer=steer)
+    assert steered["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    again = _completion(open_server, model, LONG_PROMPT, modality_steer=steer)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] >= 256  # identical steering shares
+    _assert_close(again, steered)
+    assert not _close(steered, first)
+    for salt in ("s" * 125, "s" * 128, "x" * 109):
+        reply = _completion(open_server, model, LONG_PROMPT, modality_steer=steer, cache_salt=salt)
+        assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # another client salt
+        _assert_close(reply, steered)
+    status, error, _ = _post(
+        open_server,
+        "/v1/completions",
+        {"model": model, "prompt": "hi", "cache_salt": "s" * 129, "modality_steer": "text"},
+    )
+    assert status == 400, error  # vLLM's own limit, answered as vLLM answers it
+    with serve(tiny_llava, llava_profile, "--enforce-eager", "--no-enable-prefix-caching") as fresh:
+        uncached = _completion(fresh, model, LONG_PROMPT, modality_steer=steer)
+    _assert_close(uncached, steered)
+
+
+# --------------------------------------------------------------------------------------------------
+# Server defaults and start-up refusals.
+# --------------------------------------------------------------------------------------------------
+
+
+def _serve_cli(
+    model: Path, profile: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            *CLI,
+            "serve",
+            str(model),
+            "--profile",
+            str(profile),
+            *args,
+            "--port",
+            str(free_port()),
+            *CPU_DEFAULT_ARGS,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (
+            ["--default-steer", '{"heads": [[1, 0, 0]]}'],
+            {},
+            "MODALITY_STEER_DEFAULT='{\"heads\": [[1, 0, 0]]}' is not a spec a request could send on this "
+            "server: raw heads are not allowed",
+        ),
+        (["--max-gain", "2"], {}, "--max-gain 2 is below the profile's default_gain 3"),
+        (["--default-steer", '{"follow": "text", "gain": 9}'], {}, "gain must lie in [0, 8]"),
+        (["--enforce-steer", "off"], {}, "MODALITY_STEER_ENFORCE must be 'image' or 'text'"),
+        ([], {"VLLM_PLUGINS": "some_other_plugin"}, "does not list modality_steer"),
+    ],
+    ids=[
+        "raw-default-without-allow",
+        "max-gain-below-default",
+        "default-over-max",
+        "enforce-off",
+        "plugins-allow-list",
+    ],
+)
+def test_serve_refuses_defaults_a_request_could_not_send(tiny_llava, llava_profile, args, env, needle):
+    done = _serve_cli(tiny_llava, llava_profile, *args, env={**os.environ, **env})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert needle in done.stderr, done.stderr[-2000:]
+
+
+def _plain_launch(model: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--port",
+            str(free_port()),
+            *CPU_DEFAULT_ARGS,
+            "--enforce-eager",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+        env={k: v for k, v in {**os.environ, **env}.items() if k != "TRITON_INTERPRET"},
+    )
+
+
+def test_plain_launch_refuses_the_same_defaults_and_engine_limits(tiny_llava, llava_profile):
+    """Without `serve`: every process checks the settings when the plugin loads, and each worker the
+    engine's limits, before anything is served."""
+    env = {"MODALITY_STEER_PROFILE": str(llava_profile), "MODALITY_STEER_MAX_GAIN": "2"}
+    done = _plain_launch(tiny_llava, env)
+    assert done.returncode != 0 and "below the profile's default_gain" in done.stdout + done.stderr
+    env = {"MODALITY_STEER_PROFILE": str(llava_profile)}
+    done = _plain_launch(tiny_llava, env, "--max-num-batched-tokens", "70000", "--max-model-len", "256")
+    assert done.returncode != 0
+    assert "70000 tokens per step (the kernel takes 65536" in done.stdout + done.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points that never pass through the HTTP app.
+# --------------------------------------------------------------------------------------------------
+
+OFFLINE = """
+import json, sys
+from vllm import LLM, SamplingParams
+
+if __name__ == "__main__":
+    llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=4,
+              kv_cache_memory_bytes=256 * 2**20)
+    def run(spec):
+        extra = None if spec is None else {"modality_steer": spec}
+        params = SamplingParams(max_tokens=3, temperature=0, logprobs=5, ignore_eos=True, extra_args=extra)
+        try:
+            out = llm.generate(["USER: What colour is the object?\\nASSISTANT:"], params, use_tqdm=False)
+        except Exception as exc:
+            return {"error": type(exc).__name__ + ": " + str(exc)}
+        step_logprobs = out[0].outputs[0].logprobs
+        return {"steps": [sorted((k, round(v.logprob, 5)) for k, v in step.items()) for step in step_logprobs]}
+    results = {name: run(spec) for name, spec in
+               [("implicit", None), ("explicit", "text"), ("off", "off"), ("invalid", "bogus")]}
+    print("RESULTS " + json.dumps(results))
+"""
+
+
+def test_offline_llm_applies_the_default_and_validation(tiny_llava, llava_profile, tmp_path):
+    script = tmp_path / "offline.py"
+    script.write_text(OFFLINE)
+    env = {
+        k: v
+        for k, v in {
+            **os.environ,
+            "MODALITY_STEER_PROFILE": str(llava_profile),
+            "MODALITY_STEER_DEFAULT": "text",
+        }.items()
+        if k != "TRITON_INTERPRET"
+    }
+    done = subprocess.run(
+        [sys.executable, str(script), str(tiny_llava)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULTS ")), None)
+    assert line is not None, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads(line.removeprefix("RESULTS "))
+    assert results["implicit"] == results["explicit"] and "steps" in results["implicit"]
+    assert results["off"]["steps"] != results["implicit"]["steps"]  # the default really steers
+    assert "modality_steer" in results["invalid"]["error"] and "unknown mode" in results["invalid"]["error"]
+
+
+def test_run_batch_applies_the_enforcement_and_validation(tiny_llava, llava_profile, tmp_path):
+    model = str(tiny_llava)
+
+    def line(custom_id: str, steer: Any) -> str:
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": [{"role": "user", "content": "What colour is the object?"}],
+            "max_tokens": 3,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 5,
+            "ignore_eos": True,
+        }
+        if steer is not None:
+            body["modality_steer"] = steer
+        return json.dumps(
+            {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+        )
+
+    requests = tmp_path / "in.jsonl"
+    requests.write_text(
+        "\n".join(
+            [
+                line("implicit", None),
+                line("explicit", "text"),
+                line("forbidden", "image"),
+                line("invalid", "bogus"),
+            ]
+        )
+        + "\n"
+    )
+    results = tmp_path / "out.jsonl"
+    env = {
+        k: v
+        for k, v in {
+            **os.environ,
+            "MODALITY_STEER_PROFILE": str(llava_profile),
+            "MODALITY_STEER_ENFORCE": "text",
+        }.items()
+        if k != "TRITON_INTERPRET"
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.run_batch",
+            "-i",
+            str(requests),
+            "-o",
+            str(results),
+            "--model",
+            model,
+            *CPU_DEFAULT_ARGS,
+            "--enforce-eager",
+            "--max-model-len",
+            "256",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    by_id = {r["custom_id"]: r for r in map(json.loads, results.read_text().splitlines())}
+    implicit, explicit = (by_id[k]["response"] for k in ("implicit", "explicit"))
+    assert implicit["status_code"] == explicit["status_code"] == 200
+    steps = [
+        [
+            {t["token"]: t["logprob"] for t in step["top_logprobs"]}
+            for step in r["body"]["choices"][0]["logprobs"]["content"]
+        ]
+        for r in (implicit, explicit)
+    ]
+    for got, want in zip(*steps, strict=True):
+        assert set(got) == set(want) and all(abs(got[t] - want[t]) < 1e-4 for t in got)
+    assert by_id["forbidden"]["response"]["status_code"] == 403
+    assert by_id["invalid"]["response"]["status_code"] == 400
+    assert "unknown mode" in json.dumps(by_id["invalid"]["response"]["body"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Slots under preemption: more configurations than slots, with the KV cache forcing preemption.
+# --------------------------------------------------------------------------------------------------
+
+PREEMPT_PROMPT = "USER: " + " ".join(["What colour is the object ?"] * 16) + "\nASSISTANT:"
+PREEMPT_TOKENS = 270
+
+
+def _preemptions(server: Any) -> float:
+    text = urllib.request.urlopen(f"{server.base_url}/metrics", timeout=30).read().decode()
+    return sum(
+        float(x.rpartition(" ")[2]) for x in text.splitlines() if x.startswith("vllm:num_preemptions_total")
+    )
+
+
+@pytest.mark.parametrize("scheduling", ["fcfs", "priority"])
+def test_preemption_with_more_configurations_than_slots(tiny_llava, llava_profile, scheduling):
+    model = str(tiny_llava)
+    count = 16 if scheduling == "fcfs" else 12
+    with serve(
+        tiny_llava,
+        llava_profile,
+        "--enforce-eager",
+        "--max-num-seqs",
+        "4",
+        "--block-size",
+        "16",
+        "--max-model-len",
+        "400",
+        "--kv-cache-memory-bytes",
+        str(2**20),
+        "--scheduling-policy",
+        scheduling,
+    ) as server:
+
+        def body(index: int) -> dict[str, Any]:
+            return {
+                "model": model,
+                "prompt": PREEMPT_PROMPT,
+                "max_tokens": PREEMPT_TOKENS,
+                "temperature": 0,
+                "ignore_eos": True,
+                "modality_steer": {"heads": [[1, 0, round(0.5 + 0.1 * index, 2)], [0, 2, 2.0]]},
+                **({"priority": count - index} if scheduling == "priority" else {}),
+            }
+
+        before = _preemptions(server)
+
+        def send(index: int) -> tuple[int, dict[str, Any], dict[str, str]]:
+            time.sleep(0.3 * index)
+            return _post(server, "/v1/completions", body(index))
+
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            replies = list(pool.map(send, range(count)))
+        assert all(status == 200 for status, _, _ in replies), [r[1] for r in replies if r[0] != 200]
+        assert _preemptions(server) > before, "the test must force preemption"
+        assert server.healthy()
+        # Each one alone (no preemption) gives the same tokens: it ran with its own steering.
+        for index, (_, reply, _) in enumerate(replies):
+            status, alone, _ = _post(server, "/v1/completions", body(index))
+            assert status == 200 and alone["choices"][0]["text"] == reply["choices"][0]["text"], index
+        state = _state(server)["workers"]
+        assert all(w["slots_in_use"] == 0 and w["requests_tracked"] == 0 for w in state), state
