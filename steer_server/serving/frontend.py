@@ -128,6 +128,7 @@ def _wrap_process_inputs(original: Any) -> Any:
         return request
 
     process_inputs._modality_steer = True  # type: ignore[attr-defined]
+    process_inputs.__wrapped__ = original  # type: ignore[attr-defined]
     return process_inputs
 
 

@@ -357,10 +357,10 @@ def patch_model_runner() -> None:
         base._update_states = _after_update_states(base._update_states)  # type: ignore[method-assign]
     from vllm.v1.worker.worker_base import WorkerBase
 
-    setattr(WorkerBase, WORKER_STATE_METHOD, _worker_state)
+    setattr(WorkerBase, WORKER_STATE_METHOD, report_worker_state)
 
 
-def _worker_state(worker: Any) -> dict[str, Any]:
+def report_worker_state(worker: Any) -> dict[str, Any]:
     """Run in a worker by `collective_rpc` (the state endpoint and the start-up handshake).
 
     Raises:
