@@ -98,16 +98,24 @@ def worker_state(server: Any) -> list[dict[str, Any]]:
         return json.loads(response.read())["workers"]
 
 
+def wait_for_state(server: Any, holds: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The workers' state once `holds(state)` is true (or the last seen at timeout), polled every 0.1 s:
+    a step runs between a request's arrival and its slot, longer on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    state = worker_state(server)
+    while not holds(state) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        state = worker_state(server)
+    return state
+
+
 def wait_until_released(server: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
     """The workers' state once no slot is held and no request is tracked (or the last seen at timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        state = worker_state(server)
-        if all(w["slots_in_use"] == 0 and w["requests_tracked"] == 0 for w in state):
-            return state
-        if time.monotonic() > deadline:
-            return state
-        time.sleep(0.5)
+    return wait_for_state(
+        server,
+        lambda state: all(w["slots_in_use"] == 0 and w["requests_tracked"] == 0 for w in state),
+        timeout,
+    )
 
 
 def assert_server_still_serves(server: Any, model: str, sample: LoadedSample) -> None:
@@ -416,7 +424,7 @@ def test_client_disconnecting_mid_stream_frees_its_slot(open_server, long_llava,
             assert chunk, received
             received += chunk
         assert b"x-modality-steer: mode=image; gain=2.5" in received
-        held = worker_state(open_server)
+        held = wait_for_state(open_server, lambda state: sum(w["slots_in_use"] for w in state) == 1)
         assert sum(w["slots_in_use"] for w in held) == 1, held
         sock.shutdown(socket.SHUT_RDWR)
     state = wait_until_released(open_server)
@@ -453,10 +461,7 @@ def test_aborted_requests_free_their_slots(open_server, long_llava):
         )
         for spec in specs
     ]
-    deadline = time.monotonic() + 10
-    held = worker_state(open_server)
-    while sum(w["requests_steered"] for w in held) < len(specs) and time.monotonic() < deadline:
-        held = worker_state(open_server)
+    held = wait_for_state(open_server, lambda state: sum(w["requests_steered"] for w in state) >= len(specs))
     for sock in sockets:
         sock.close()
     assert sum(w["requests_steered"] for w in held) == len(specs), held

@@ -42,15 +42,20 @@ def test_vllm_loads_the_plugin_entry_point():
 
 def test_plugin_does_nothing_without_a_profile_and_refuses_a_broken_one(monkeypatch, tmp_path):
     from steer_server.serving import plugin
+    from steer_server.serving.policy import policy
     from steer_server.serving.settings import SteeringConfigError, settings
 
+    def reread() -> None:  # both are read once per process; this test changes the environment
+        settings.cache_clear()
+        policy.cache_clear()
+
     monkeypatch.delenv("MODALITY_STEER_PROFILE", raising=False)
-    settings.cache_clear()
+    reread()
     plugin.register()  # nothing configured: nothing happens
-    assert settings() is None
+    assert settings() is None and policy() is None
     missing = tmp_path / "nope.json"
     monkeypatch.setenv("MODALITY_STEER_PROFILE", str(missing))
-    settings.cache_clear()
+    reread()
     try:
         plugin.register()
     except SteeringConfigError as exc:
@@ -58,7 +63,7 @@ def test_plugin_does_nothing_without_a_profile_and_refuses_a_broken_one(monkeypa
     else:
         raise AssertionError("a configured profile that cannot be read must stop the process")
     finally:
-        settings.cache_clear()
+        reread()
 
 
 def test_the_built_wheel_imports_the_kernel_and_ships_the_profile_and_toy(tmp_path):
