@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,13 +25,15 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from steer_server.data.prompts import openai_messages
+from steer_server.eval.demo import toy_profile_path
 from steer_server.hf.model import load_model
 from steer_server.profile import load_profile
 from steer_server.serving.api import require_armed_workers
 from steer_server.serving.engine_core import steering_salt
-from steer_server.serving.launcher import CPU_DEFAULT_ARGS, free_port
+from steer_server.serving.launcher import CPU_DEFAULT_ARGS, VllmServer, free_port
 from steer_server.serving.worker import engine_refusals
 from steer_server.spec import gains_digest
+from steer_server.toy.model import toy_model_dir
 
 CLI = [sys.executable, "-m", "steer_server.cli"]
 ROOT = "/api"
@@ -669,48 +672,61 @@ def _preemptions(server: Any) -> float:
 
 
 @pytest.mark.parametrize("scheduling", ["fcfs", "priority"])
-def test_preemption_with_more_configurations_than_slots(tiny_llava, llava_profile, scheduling):
-    model = str(tiny_llava)
-    count = 16 if scheduling == "fcfs" else 12
-    with serve(
-        tiny_llava,
-        llava_profile,
-        "--enforce-eager",
-        "--max-num-seqs",
-        "4",
-        "--block-size",
-        "32",
-        "--max-model-len",
-        "400",
-        "--kv-cache-memory-bytes",
-        str(2**20),
-        "--scheduling-policy",
-        scheduling,
-    ) as server:
+def test_preemption_with_more_configurations_than_slots(scheduling):
+    """16 completions of ~100 prompt and 270 output tokens, each with its own gain, sent 0.3 s apart (each
+    later one with a higher priority), on the toy model with 4 sequences and an 8 MiB KV cache: vLLM
+    preempts (its counter says so); under priority scheduling the preempted requests stay in the runner
+    while newer ones run, so the workers track more configurations than they have slots. Every request
+    completes with its own steering (the same tokens as alone) and the engine stays alive."""
+    model = toy_model_dir()
+    count = 16
+    server = VllmServer(
+        model,
+        ["--max-model-len", "380", "--max-num-seqs", "4", "--enforce-eager", "--dtype", "float32"],
+        profile=toy_profile_path(),
+        steer_args=[],
+        cpu_defaults=False,
+    )
+    server.extra_args += ["--kv-cache-memory-bytes", str(8 * 2**20), "--scheduling-policy", scheduling]
+    with server:
 
         def body(index: int) -> dict[str, Any]:
             return {
-                "model": model,
+                "model": str(model),
                 "prompt": PREEMPT_PROMPT,
                 "max_tokens": PREEMPT_TOKENS,
                 "temperature": 0,
                 "ignore_eos": True,
-                "modality_steer": {"heads": [[1, 0, round(0.5 + 0.1 * index, 2)], [0, 2, 2.0]]},
+                "modality_steer": {"follow": "image", "gain": round(0.5 + 0.1 * index, 2)},
                 **({"priority": count - index} if scheduling == "priority" else {}),
             }
-
-        before = _preemptions(server)
 
         def send(index: int) -> tuple[int, dict[str, Any], dict[str, str]]:
             time.sleep(0.3 * index)
             return _post(server, "/v1/completions", body(index))
 
-        with ThreadPoolExecutor(max_workers=count) as pool:
-            replies = list(pool.map(send, range(count)))
+        before = _preemptions(server)
+        tracked, stop = [0], threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                tracked[0] = max(tracked[0], sum(w["requests_tracked"] for w in _state(server)["workers"]))
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            with ThreadPoolExecutor(max_workers=count) as pool:
+                replies = list(pool.map(send, range(count)))
+        finally:
+            stop.set()
+            watcher.join()
         assert all(status == 200 for status, _, _ in replies), [r[1] for r in replies if r[0] != 200]
         assert _preemptions(server) > before, "the test must force preemption"
+        slots = _state(server)["workers"][0]["max_slots"]
+        if scheduling == "priority":
+            assert tracked[0] > slots, (tracked[0], slots)  # more configurations in flight than slots
         assert server.healthy()
-        # Each one alone (no preemption) gives the same tokens: it ran with its own steering.
         for index, (_, reply, _) in enumerate(replies):
             status, alone, _ = _post(server, "/v1/completions", body(index))
             assert status == 200 and alone["choices"][0]["text"] == reply["choices"][0]["text"], index
