@@ -475,6 +475,12 @@ def test_serve_refuses_defaults_a_request_could_not_send(tiny_llava, llava_profi
     assert needle in done.stderr, done.stderr[-2000:]
 
 
+def _engine_env(**variables: str) -> dict[str, str]:
+    """This process's environment with `variables`, without the Triton interpreter switch of the test
+    session (an engine must never inherit it)."""
+    return {k: v for k, v in {**os.environ, **variables}.items() if k != "TRITON_INTERPRET"}
+
+
 def _plain_launch(model: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -493,7 +499,7 @@ def _plain_launch(model: Path, env: dict[str, str], *args: str) -> subprocess.Co
         text=True,
         check=False,
         timeout=600,
-        env={k: v for k, v in {**os.environ, **env}.items() if k != "TRITON_INTERPRET"},
+        env=_engine_env(**env),
     )
 
 
@@ -544,15 +550,7 @@ if __name__ == "__main__":
 def test_offline_llm_applies_the_default_and_validation(tiny_llava, llava_profile, tmp_path):
     script = tmp_path / "offline.py"
     script.write_text(OFFLINE)
-    env = {
-        k: v
-        for k, v in {
-            **os.environ,
-            "MODALITY_STEER_PROFILE": str(llava_profile),
-            "MODALITY_STEER_DEFAULT": "text",
-        }.items()
-        if k != "TRITON_INTERPRET"
-    }
+    env = _engine_env(MODALITY_STEER_PROFILE=str(llava_profile), MODALITY_STEER_DEFAULT="text")
     done = subprocess.run(
         [sys.executable, str(script), str(tiny_llava)],
         capture_output=True,
@@ -606,15 +604,7 @@ def test_run_batch_applies_the_enforcement_and_validation(tiny_llava, llava_prof
         + "\n"
     )
     results = tmp_path / "out.jsonl"
-    env = {
-        k: v
-        for k, v in {
-            **os.environ,
-            "MODALITY_STEER_PROFILE": str(llava_profile),
-            "MODALITY_STEER_ENFORCE": "text",
-        }.items()
-        if k != "TRITON_INTERPRET"
-    }
+    env = _engine_env(MODALITY_STEER_PROFILE=str(llava_profile), MODALITY_STEER_ENFORCE="text")
     done = subprocess.run(
         [
             sys.executable,
