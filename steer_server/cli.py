@@ -208,7 +208,6 @@ def serve(
     """Serve MODEL with vLLM's OpenAI-compatible server and per-request head steering."""
     import os
 
-    from .serving.api import MIDDLEWARE_PATH
     from .serving.plugin import ENTRY_POINT_NAME
     from .serving.policy import policy
     from .serving.settings import (
@@ -261,8 +260,6 @@ def serve(
         "vllm.entrypoints.openai.api_server",
         "--model",
         model,
-        "--middleware",
-        MIDDLEWARE_PATH,
         *ctx.args,
     ]
     typer.echo(f"modality-steer: profile {current.profile.profile_id} ({profile}); starting vLLM", err=True)

@@ -44,20 +44,12 @@ class SteerSpec:
     heads: tuple[tuple[int, int, float], ...] = ()
 
     def to_wire(self) -> str:
-        """Canonical string form (what the API server stores in `vllm_xargs`; parse_spec reads it back)."""
+        """Canonical string form (what travels in `vllm_xargs` / `extra_args`; parse_spec reads it back)."""
         if self.mode == "heads":
             return json.dumps({"heads": [list(h) for h in self.heads]}, separators=(",", ":"))
         if self.gain is None:
             return self.mode
         return json.dumps({"follow": self.mode, "gain": self.gain}, separators=(",", ":"))
-
-    def describe(self) -> str:
-        """Short label for logs: ``off``, ``image:default``, ``text:0``, ``heads:3``."""
-        if self.mode in ("image", "text"):
-            return f"{self.mode}:{'default' if self.gain is None else format(self.gain, 'g')}"
-        if self.mode == "heads":
-            return f"heads:{len(self.heads)}"
-        return "off"
 
 
 OFF = SteerSpec(mode="off")
@@ -66,7 +58,10 @@ OFF = SteerSpec(mode="off")
 def _gain(value: Any, where: str, max_gain: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SpecError(f"{where} must be a number, got {type(value).__name__}")
-    gain = float(value)
+    try:
+        gain = float(value)
+    except OverflowError as exc:
+        raise SpecError(f"{where} must be finite, got an integer of {len(str(value))} digits") from exc
     if not math.isfinite(gain):
         raise SpecError(f"{where} must be finite, got {value!r}")
     if gain < 0 or gain > max_gain:
@@ -95,6 +90,8 @@ def parse_spec(
                 value = json.loads(text, parse_constant=lambda c: float(c))
             except json.JSONDecodeError as exc:
                 raise SpecError(f"not valid JSON: {exc.msg}") from exc
+            except RecursionError as exc:
+                raise SpecError("nested too deeply") from exc
         else:
             raise SpecError(f"unknown mode {value!r}; use 'off', 'image', 'text' or an object")
     if not isinstance(value, dict):

@@ -23,6 +23,7 @@ from helpers import assert_same_steps, reference_steps, serve
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from steer_server.data.prompts import openai_messages
 from steer_server.eval.demo import toy_profile_path
@@ -140,7 +141,7 @@ def test_handshake_refuses_an_unarmed_or_silent_worker(monkeypatch, llava_profil
 
     monkeypatch.setenv("MODALITY_STEER_PROFILE", str(llava_profile))
     settings_module.settings.cache_clear()
-    profile_id = load_profile(llava_profile).profile_id
+    settings_id = settings_module.settings().settings_id
 
     class Engine:
         def __init__(self, answer: Any) -> None:
@@ -152,15 +153,141 @@ def test_handshake_refuses_an_unarmed_or_silent_worker(monkeypatch, llava_profil
             return self.answer
 
     try:
-        armed = [{"armed": True, "profile_id": profile_id}]
+        armed = [{"armed": True, "settings_id": settings_id}]
         assert asyncio.run(require_armed_workers(Engine(armed))) == armed
+        assert asyncio.run(require_armed_workers(None)) == []  # a render-only server has no engine
         for answer, needle in (
             (RuntimeError("no such method modality_steer_state"), "did not report steering armed"),
-            ([{"armed": True, "profile_id": "another"}], "not armed"),
+            ([{"armed": True, "settings_id": settings_id.replace(":8.0:", ":2.0:")}], "not armed"),
+            ([{"armed": False, "settings_id": settings_id}], "not armed"),
             ([], "not armed"),
         ):
             with pytest.raises(SteeringConfigError, match=needle):
                 asyncio.run(require_armed_workers(Engine(answer)))
+    finally:
+        settings_module.settings.cache_clear()
+
+
+class _GenerateBody(BaseModel):
+    prompt: str
+    vllm_xargs: dict[str, str] | None = None
+
+
+class _OtherBody(BaseModel):
+    prompt: str
+
+
+def _generate(body: _GenerateBody) -> dict[str, Any]:
+    return {}
+
+
+def _other(body: _OtherBody) -> dict[str, Any]:
+    return {}
+
+
+def _models() -> dict[str, Any]:
+    return {}
+
+
+class _AsgiApp:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+
+def test_route_table_denies_by_default():
+    """Sorted from the app itself: a route whose request model takes `vllm_xargs` is steered; GET routes,
+    the listed inert routes and the metrics mount are inert; every other route (unknown POST routes, a
+    route that accepts any method, any other mounted app) is refused; a request no route matches is
+    left to the router (404 / 405); a route added later rebuilds the table."""
+    from fastapi import FastAPI
+    from starlette.routing import Mount, Route
+
+    from steer_server.serving.api import classify_routes
+
+    app = FastAPI()
+    app.post("/generate")(_generate)
+    app.post("/tokenize")(_other)
+    app.post("/other")(_other)
+    app.get("/models")(_models)
+    app.router.routes.append(Route("/raw", _AsgiApp()))  # an ASGI endpoint: every method
+    app.router.routes.append(Mount("/plugin", app=lambda scope, receive, send: None))
+    app.router.routes.append(Mount("/metrics", app=lambda scope, receive, send: None))
+    table = classify_routes(app)
+    assert "/generate" in table.steered
+    assert {"/tokenize", "/models", "/metrics"} <= set(table.inert)
+    assert {"/other", "/raw", "/plugin"} <= set(table.refused)
+
+    def kind(path: str, method: str = "POST") -> str:
+        return table.kind_of({"type": "http", "path": path, "method": method, "root_path": ""})
+
+    assert [kind(p) for p in ("/generate", "/tokenize", "/other", "/raw", "/plugin/x", "/nowhere")] == [
+        "steered",
+        "inert",
+        "refused",
+        "refused",
+        "refused",
+        "inert",
+    ]
+    assert table.describes(app)
+    app.post("/late")(_other)
+    assert not table.describes(app)
+
+
+@pytest.mark.parametrize(
+    ("headers", "json_body"),
+    [
+        ([], True),
+        ([(b"content-type", b"application/json")], True),
+        ([(b"Content-Type", b"Application/JSON; charset=utf-8")], True),
+        ([(b"content-type", b"application/vnd.api+json")], True),
+        ([(b"content-type", b"multipart/form-data; boundary=x")], False),
+        ([(b"content-type", b"text/plain"), (b"content-type", b"application/json")], False),
+    ],
+)
+def test_json_bodies_are_recognised_as_fastapi_recognises_them(headers, json_body):
+    from steer_server.serving.api import _is_json
+
+    assert _is_json({"headers": headers}) is json_body
+
+
+def test_enforcement_compares_what_specs_do_not_how_they_are_written(llava_profile):
+    from steer_server.serving.policy import Policy, PolicyError
+    from steer_server.serving.settings import PluginSettings
+    from steer_server.spec import SteerSpec
+
+    plugin = PluginSettings(llava_profile, load_profile(llava_profile), max_gain=8.0, allow_raw_heads=False)
+    contract = Policy(plugin, SteerSpec("off"), SteerSpec("text"), False, {})
+    for same in ("text", {"follow": "text", "gain": 3}, '{"heads": [[1, 3, 3.0]]}'):
+        assert contract.resolve(same) == SteerSpec("text")
+    for other in ({"follow": "text", "gain": 2}, "image", "off"):
+        with pytest.raises(PolicyError) as caught:
+            contract.resolve(other)
+        assert caught.value.status == 403
+
+
+def test_the_handshake_runs_before_vllm_serves(monkeypatch, llava_profile):
+    """`patch_api_server` puts the handshake where vLLM finishes the app's state: an unarmed worker stops
+    the start."""
+    from vllm.entrypoints.launchers.api_server import app_state
+
+    from steer_server.serving import settings as settings_module
+    from steer_server.serving.api import patch_api_server
+    from steer_server.serving.settings import SteeringConfigError
+
+    monkeypatch.setenv("MODALITY_STEER_PROFILE", str(llava_profile))
+    settings_module.settings.cache_clear()
+    monkeypatch.setattr(app_state, "init_endpoint_plugins_state", app_state.init_endpoint_plugins_state)
+    try:
+        patch_api_server()
+
+        class Unarmed:
+            async def collective_rpc(self, method: str) -> list[dict[str, Any]]:
+                return [{"armed": False}]
+
+        with pytest.raises(SteeringConfigError, match="not armed"):
+            asyncio.run(
+                app_state.init_endpoint_plugins_state(Unarmed(), SimpleNamespace(), SimpleNamespace())
+            )
     finally:
         settings_module.settings.cache_clear()
 
@@ -345,7 +472,9 @@ def test_beam_search_is_refused_with_steering_and_runs_enforced(
             {**beam, "messages": openai_messages(serve_samples[0]), "modality_steer": steer},
         )
         assert status == 400 and "beam search" in error["error"]["message"], error
-    # Under enforcement beam search runs text-steered: with one beam it is the greedy text-steered answer.
+    # Under enforcement beam search runs text-steered: with one beam it is the greedy text-steered answer,
+    # which is not the unsteered one.
+    differs = 0
     for sample in serve_samples[:8]:
         messages = openai_messages(sample)
         status, searched, _ = _post(enforced, ROOT + "/v1/chat/completions", {**beam, "messages": messages})
@@ -357,6 +486,13 @@ def test_beam_search_is_refused_with_steering_and_runs_enforced(
         )
         answers = (r["choices"][0]["message"]["content"].strip() for r in (searched, greedy))
         assert next(answers) == next(answers)
+        status, plain, _ = _post(
+            open_server,
+            "/v1/chat/completions",
+            {"model": model, "messages": messages, "max_tokens": 3, "temperature": 0, "ignore_eos": True},
+        )
+        differs += plain["choices"][0]["message"]["content"] != greedy["choices"][0]["message"]["content"]
+    assert differs > 0, "the samples must show the steering"
 
 
 def _completion(server: Any, model: str, prompt: str, **fields: Any) -> dict[str, Any]:
@@ -712,6 +848,7 @@ def test_preemption_with_more_configurations_than_slots(scheduling):
             stop.set()
             watcher.join()
         assert all(status == 200 for status, _, _ in replies), [r[1] for r in replies if r[0] != 200]
+        assert len({reply["choices"][0]["text"] for _, reply, _ in replies}) > 1  # the gains matter
         assert _preemptions(server) > before, "the test must force preemption"
         slots = _state(server)["workers"][0]["max_slots"]
         if scheduling == "priority":

@@ -40,6 +40,20 @@ def test_vllm_loads_the_plugin_entry_point():
     assert "modality_steer" in plugins
 
 
+def test_kernels_folder_does_not_pass_for_hugging_faces_kernels_package():
+    """From the repository root (on sys.path), the top-level `kernels/` folder must not make transformers
+    believe the Hugging Face `kernels` package is installed; the op imports under `steer_server`."""
+    probe = (
+        "from transformers.utils.import_utils import is_kernels_available;"
+        "import steer_server.kernels.head_scale as k;"
+        "print(is_kernels_available(), k.__name__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=300
+    )
+    assert done.stdout.split() == ["False", "steer_server.kernels.head_scale"]
+
+
 def test_plugin_does_nothing_without_a_profile_and_refuses_a_broken_one(monkeypatch, tmp_path):
     from steer_server.serving import plugin
     from steer_server.serving.policy import policy

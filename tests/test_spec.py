@@ -71,6 +71,13 @@ REFUSED = [
     ({"follow": "text", "extra": 1}, {}, "unknown keys ['extra', 'follow']"),
     ({}, {}, "unknown keys []"),
     ('{"follow": "text",', {}, "not valid JSON"),
+    ({"follow": "text", "gain": 10**400}, {}, "gain must be finite, got an integer of 401 digits"),
+    (
+        '{"follow": "text", "gain": 1' + "0" * 400 + "}",
+        {},
+        "gain must be finite, got an integer of 401 digits",
+    ),
+    ('{"follow": ' + "[" * 100000 + "]" * 100000 + "}", {}, "nested too deeply"),
     ({"heads": [[0, 0, 2.0]]}, {"allow_raw_heads": False}, "raw heads are not allowed on this server"),
     ({"heads": []}, {}, "heads must be a non-empty list"),
     ({"heads": [[8, 0, 1.0]]}, {}, "heads[0]: layer 8 is out of range [0, 8)"),

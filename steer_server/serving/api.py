@@ -59,6 +59,8 @@ INERT_ROUTES = frozenset(
         "/ping",
     }
 )
+# Mounted apps that never reach the engine (Prometheus' exposition).
+INERT_MOUNTS = frozenset({"/metrics"})
 # GET: the workers' steering state (slots held, requests tracked); under /v1 so that --api-key guards it.
 STATE_PATH = "/v1/modality_steer/state"
 HEADER = b"x-modality-steer"
@@ -126,6 +128,12 @@ class RouteTable:
                 return kind
         return "inert"
 
+    def describes(self, app: Any) -> bool:
+        """Whether the table is still that of `app`'s routes (a route added later rebuilds it)."""
+        return len(self.routes) == len(app.routes) and all(
+            r is a for (r, _), a in zip(self.routes, app.routes, strict=True)
+        )
+
     def as_dict(self) -> dict[str, list[str]]:
         """JSON-ready form (for the state endpoint)."""
         return {"steered": list(self.steered), "inert": list(self.inert), "refused": list(self.refused)}
@@ -144,19 +152,24 @@ def _takes_vllm_xargs(route: Any) -> bool:
 
 def classify_routes(app: Any) -> RouteTable:
     """Sort every route of `app`: a route is *steered* when its request model has a `vllm_xargs` field,
-    *inert* when it takes no body (GET, HEAD) or is one of :data:`INERT_ROUTES`, else *refused*. Mounted
-    sub-apps (`/metrics`) and websocket routes are left to the router: websockets carry no
-    `modality_steer`, and the request hooks and the EngineCore steer what they send."""
-    from starlette.routing import Route
+    *inert* when it serves only GET / HEAD, is one of :data:`INERT_ROUTES` or a mount of
+    :data:`INERT_MOUNTS`, else *refused* (other mounted apps and routes that accept any method included).
+    Websocket routes match only websocket requests, which carry no `modality_steer`; the request hooks
+    and the EngineCore steer what they send."""
+    from starlette.routing import Mount, Route, WebSocketRoute
 
     routes = []
     for route in app.routes:
-        if not isinstance(route, Route):
-            continue
-        methods = set(route.methods or ())
-        if _takes_vllm_xargs(route) and "POST" in methods:
-            kind = "steered"
-        elif methods <= {"GET", "HEAD"} or route.path in INERT_ROUTES:
+        path = getattr(route, "path", "")
+        if isinstance(route, Route):
+            methods = set(route.methods) if route.methods is not None else {"*"}
+            if _takes_vllm_xargs(route) and "POST" in methods:
+                kind = "steered"
+            elif methods <= {"GET", "HEAD"} or path in INERT_ROUTES:
+                kind = "inert"
+            else:
+                kind = "refused"
+        elif isinstance(route, WebSocketRoute) or (isinstance(route, Mount) and path in INERT_MOUNTS):
             kind = "inert"
         else:
             kind = "refused"
@@ -166,6 +179,17 @@ def classify_routes(app: Any) -> RouteTable:
         return tuple(sorted({route.path for route, k in routes if k == kind}))
 
     return RouteTable(paths("steered"), paths("inert"), paths("refused"), tuple(routes))
+
+
+def _is_json(scope: Scope) -> bool:
+    """Whether FastAPI reads the body as JSON: no content type, or `application/json` /
+    `application/*+json` (case-insensitive; the first Content-Type header, as Starlette reads it)."""
+    value = next((v for k, v in scope.get("headers", []) if k.lower() == b"content-type"), b"")
+    media = value.decode("latin-1").split(";", 1)[0].strip().lower()
+    if not media:
+        return True
+    main, _, sub = media.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,10 +228,11 @@ class ModalitySteerMiddleware:
         self._routes: RouteTable | None = None
 
     def routes(self, scope: Scope) -> RouteTable:
-        """The route table of the app serving `scope` (built once, at the first request: by then every
-        router, endpoint plugin and launcher route is mounted)."""
-        if self._routes is None:
-            self._routes = classify_routes(scope["app"])
+        """The route table of the app serving `scope`, built at the first request (by then every router,
+        endpoint plugin and launcher route is mounted) and again whenever the app's routes change."""
+        app = scope["app"]
+        if self._routes is None or not self._routes.describes(app):
+            self._routes = classify_routes(app)
         return self._routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -250,14 +275,11 @@ class ModalitySteerMiddleware:
     ) -> None:
         """Deny by default: a route modality-steer does not handle serves only requests that say nothing
         about steering, and only while no policy steers such requests."""
+        payload = _json_object(body)
         try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            payload = None
-        carries = isinstance(payload, dict) and (
-            EXTRA_ARGS_KEY in payload
-            or (isinstance(payload.get("vllm_xargs"), dict) and EXTRA_ARGS_KEY in payload["vllm_xargs"])
-        )
+            carries = payload is not None and asked_spec(payload) is not None
+        except PolicyError:  # a malformed vllm_xargs or a value given twice: it carries steering
+            carries = True
         if carries:
             self.metrics.rejected.labels(reason="route").inc()
             await _error(
@@ -276,20 +298,16 @@ class ModalitySteerMiddleware:
 
     async def _steered(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         """Validate, apply the policy, rewrite, label the response, count."""
-        content_type = dict(scope.get("headers", [])).get(b"content-type", b"application/json")
-        if not content_type.startswith(b"application/json"):
+        if not _is_json(scope):
             # Form uploads (transcription): the request hooks and the EngineCore apply the contract.
             await self.app(scope, _replay(body, receive), send)
             return
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            payload = None
-        if not isinstance(payload, dict):
+        payload = _json_object(body)
+        if payload is None:
             # Not ours to judge: vLLM answers malformed JSON itself. Only a body that carries no
             # steering can get here (we cannot see any), so nothing is served unsteered by mistake
             # unless a policy applies, and then it is refused.
-            if self.policy.enforce is not None or self.policy.default.mode != "off":
+            if self.policy.constrains_unmarked_requests:
                 self.metrics.rejected.labels(reason="invalid").inc()
                 await _error(send, 400, "the request body is not a JSON object")
                 return
@@ -344,10 +362,22 @@ class ModalitySteerMiddleware:
 
 
 def _route_path(scope: Scope) -> str:
-    """The path the router routes on: `scope["path"]` without the root path (`--root-path`)."""
+    """The path the router routes on: `scope["path"]` without the root path (`--root-path`), which is
+    stripped only at a path boundary (as Starlette's router does)."""
     path: str = scope.get("path", "")
     root: str = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
+    if root and path.startswith(root) and (path == root or path[len(root)] == "/"):
+        return path[len(root) :]
+    return path
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None (not JSON, not an object, or nested too deeply to parse)."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    return payload if isinstance(payload, dict) else None
 
 
 async def worker_states(engine_client: Any) -> list[dict[str, Any]]:
@@ -362,14 +392,16 @@ async def worker_states(engine_client: Any) -> list[dict[str, Any]]:
 
 async def require_armed_workers(engine_client: Any) -> list[dict[str, Any]]:
     """The start-up handshake: every worker of every engine reports steering armed with this
-    deployment's profile.
+    deployment's settings (none to ask on a render-only server, which has no engine).
 
     Raises:
         SteeringConfigError: a worker did not answer (the plugin is not loaded there, or its runner was
-            not set up) or answered for another profile.
+            not set up) or answered with other settings (profile, `--max-gain`, `--allow-raw-heads`).
     """
     plugin = settings()
     assert plugin is not None
+    if engine_client is None:
+        return []  # a render-only server: no engine, nothing generates
     try:
         states = await worker_states(engine_client)
     except Exception as exc:
@@ -377,10 +409,11 @@ async def require_armed_workers(engine_client: Any) -> list[dict[str, Any]]:
             f"modality-steer: a worker did not report steering armed ({type(exc).__name__}: {exc}); "
             "refusing to serve"
         ) from exc
-    wrong = [s for s in states if not s.get("armed") or s.get("profile_id") != plugin.profile.profile_id]
+    wrong = [s for s in states if not s.get("armed") or s.get("settings_id") != plugin.settings_id]
     if not states or wrong:
         raise SteeringConfigError(
-            f"modality-steer: workers not armed with profile {plugin.profile.profile_id}: {wrong or states}"
+            f"modality-steer: workers not armed with this deployment's settings {plugin.settings_id} "
+            f"(profile, --max-gain, --allow-raw-heads): {wrong or states}"
         )
     return states
 

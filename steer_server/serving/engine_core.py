@@ -49,10 +49,7 @@ def steer_engine_request(request: Any, contract: Policy) -> None:
     """
     params = request.sampling_params
     if params is None:
-        if contract.constrains_unmarked_requests:
-            raise PolicyError(
-                403, "policy", "this deployment steers every request; pooling requests cannot be steered"
-            )
+        contract.refuse_pooling()
         gains: dict[tuple[int, int], float] = {}
     else:
         extra = dict(params.extra_args or {})

@@ -83,7 +83,7 @@ def _wrap_to_beam_search_params(original: Any) -> Any:
                 spec = contract.resolve(asked)
             except PolicyError as exc:
                 raise as_vllm_error(exc) from exc
-            if spec != contract.resolve(None):
+            if not contract.same_steering(spec, contract.resolve(None)):
                 raise as_vllm_error(
                     PolicyError(
                         400,
@@ -112,10 +112,8 @@ def _wrap_process_inputs(original: Any) -> Any:
         try:
             if isinstance(params, SamplingParams):
                 spec = contract.resolve((params.extra_args or {}).get(EXTRA_ARGS_KEY))
-            elif contract.constrains_unmarked_requests:
-                raise PolicyError(
-                    403, "policy", "this deployment steers every request; pooling requests cannot be steered"
-                )
+            else:
+                contract.refuse_pooling()
         except PolicyError as exc:
             raise as_vllm_error(exc) from exc
         request = original(self, request_id, prompt, params, *args, **kwargs)

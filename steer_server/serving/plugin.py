@@ -2,8 +2,8 @@
 a deployment runs.
 
 vLLM calls :func:`register` once in every process (API server, EngineCore, each worker;
-`vllm/plugins/__init__.py`, `load_general_plugins`). It is cheap and idempotent: with no profile
-configured it does nothing; with one it checks the deployment's settings and policy, and wraps the model
+`vllm/plugins/__init__.py`, `load_general_plugins`). It is idempotent: with no profile configured it
+does nothing; with one it checks the deployment's settings and policy, and wraps the model
 runner (:mod:`.worker`), the EngineCore's request construction (:mod:`.engine_core`), the request
 builders (:mod:`.frontend`) and the API server (:mod:`.api`).
 """

@@ -12,7 +12,7 @@ from functools import cache
 from typing import Any
 
 from ..data.prompts import INSTRUCTIONS, insert_instruction
-from ..spec import OFF, SpecError, SteerSpec, parse_spec
+from ..spec import OFF, SpecError, SteerSpec, effective_gains, gains_digest, parse_spec
 from .settings import (
     DEFAULT_STEER_ENV,
     ENFORCE_STEER_ENV,
@@ -106,19 +106,25 @@ class Policy:
         except SpecError as exc:
             raise PolicyError(400, "invalid", str(exc)) from exc
 
+    def same_steering(self, a: SteerSpec, b: SteerSpec) -> bool:
+        """Whether two specs scale the same heads by the same gains (`"text"` and
+        `{"follow": "text", "gain": <default_gain>}` do): equal computation, whatever the form."""
+        profile = self.plugin.profile
+        return gains_digest(effective_gains(a, profile)) == gains_digest(effective_gains(b, profile))
+
     def resolve(self, asked: Any | None) -> SteerSpec:
         """The spec a request runs with, given what it asked for (None: nothing).
 
         Raises:
-            PolicyError: 400 for a malformed value; 403 for a well-formed one that differs from the
-                enforced steering (raw heads included).
+            PolicyError: 400 for a malformed value; 403 for a well-formed one that steers otherwise than
+                the enforced steering (raw heads included).
         """
         if self.enforce is None:
             return self.parse(asked) if asked is not None else self.default
         if asked is None:
             return self.enforce
         requested = self.parse(asked, allow_raw_heads=True)
-        if requested != self.enforce:
+        if not self.same_steering(requested, self.enforce):
             raise PolicyError(
                 403,
                 "policy",
@@ -127,15 +133,16 @@ class Policy:
             )
         return self.enforce
 
-    def decide(self, payload: dict[str, Any]) -> SteerSpec:
-        """The spec an HTTP request body runs with: `modality_steer` at its top level or as the string
-        `vllm_xargs.modality_steer`, through :meth:`resolve`.
+    def refuse_pooling(self) -> None:
+        """Pooling requests carry no sampling parameters and cannot be steered.
 
         Raises:
-            PolicyError: see :meth:`resolve`; also 400 when the value is given twice or `vllm_xargs` is
-                malformed.
+            PolicyError: 403 while the deployment steers requests that ask for nothing.
         """
-        return self.resolve(asked_spec(payload))
+        if self.constrains_unmarked_requests:
+            raise PolicyError(
+                403, "policy", "this deployment steers every request; pooling requests cannot be steered"
+            )
 
 
 def asked_spec(payload: dict[str, Any]) -> Any | None:

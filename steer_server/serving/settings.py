@@ -48,8 +48,14 @@ class PluginSettings:
         """The profiled model's geometry."""
         return self.profile.model
 
+    @property
+    def settings_id(self) -> str:
+        """Names these settings (profile, `--max-gain`, `--allow-raw-heads`): every process of a deployment
+        must report the same one, or a worker could refuse a spec its EngineCore accepted."""
+        return f"{self.profile.profile_id}:{self.max_gain!r}:{int(self.allow_raw_heads)}"
+
     def gains_for(self, spec_text: str | None) -> dict[tuple[int, int], float]:
-        """Effective gains of a request's canonical spec (as the API server stored it; None: unsteered).
+        """Effective gains of a request's canonical spec (as the EngineCore decided it; None: unsteered).
 
         Raises:
             steer_server.spec.SpecError: the spec is invalid under these settings.

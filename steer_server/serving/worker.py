@@ -4,8 +4,9 @@ After the model loads, each steered decoder layer's attention backend is wrapped
 writes its output ([tokens, local_heads, head_dim], before `o_proj`) the head-scaling kernel multiplies
 the heads by ``table[slot[token], head]``; before each forward, the token → slot map is filled from the
 batch's requests (`vllm/v1/worker/gpu_model_runner.py`, `_prepare_inputs`). Tables and the slot map are
-persistent buffers (CUDA graphs replay them). Slots are reference-counted by gains digest and freed when
-requests leave the runner (`_update_states`).
+persistent buffers (CUDA graphs replay them). Slots (table rows) are assigned per step to the scheduled
+configurations (gains digests) and freed when no live request has their configuration
+(`_update_states`).
 """
 
 from __future__ import annotations
@@ -245,6 +246,7 @@ class WorkerSteering:
         return {
             "armed": True,
             "profile_id": self.plugin.profile.profile_id,
+            "settings_id": self.plugin.settings_id,
             "tp_rank": self.tp_rank,
             "steered_layers": self.steered_layers,
             "slots_in_use": self.slots_in_use,
@@ -326,8 +328,14 @@ def _wrap_attention(layer: Any, state: WorkerSteering, table: Any) -> None:
         **kwargs: Any,
     ) -> Any:
         result = original(attn_layer, query, key, value, kv_cache, attn_metadata, output=output, **kwargs)
-        capturing = output is not None and output.is_cuda and torch.cuda.is_current_stream_capturing()
-        if output is not None and (state.active or capturing):
+        if output is None:
+            # vLLM 0.32's Attention always passes its output buffer; a backend called without one could
+            # not be scaled in place, and must not serve a steered step unsteered.
+            if state.active:
+                raise SteeringConfigError("modality-steer: an attention backend ran without an output buffer")
+            return result
+        capturing = output.is_cuda and torch.cuda.is_current_stream_capturing()
+        if state.active or capturing:
             tokens = output.shape[0]
             head_scale_(output.view(tokens, state.local_heads, -1), state.slot_map[:tokens], table)
         return result
