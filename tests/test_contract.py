@@ -810,7 +810,7 @@ def test_preemption_with_more_configurations_than_slots(scheduling):
         model,
         ["--max-model-len", "380", "--max-num-seqs", "4", "--enforce-eager", "--dtype", "float32"],
         profile=toy_profile_path(),
-        steer_args=[],
+        steer_args=["--allow-raw-heads"],
         cpu_defaults=False,
     )
     server.extra_args += ["--kv-cache-memory-bytes", str(8 * 2**20), "--scheduling-policy", scheduling]
@@ -823,7 +823,9 @@ def test_preemption_with_more_configurations_than_slots(scheduling):
                 "max_tokens": PREEMPT_TOKENS,
                 "temperature": 0,
                 "ignore_eos": True,
-                "modality_steer": {"follow": "image", "gain": round(0.5 + 0.1 * index, 2)},
+                # Its own gain on every head of the first layer: a different configuration per request,
+                # strong enough to change what a text-only prompt is answered.
+                "modality_steer": {"heads": [[0, head, round(0.2 * index, 2)] for head in range(8)]},
                 **({"priority": count - index} if scheduling == "priority" else {}),
             }
 

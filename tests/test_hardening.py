@@ -33,19 +33,20 @@ ROUTES = ("/v1/chat/completions", "/v1/completions")
 LOAD_REQUESTS = int(os.environ.get("MODALITY_STEER_LOAD_REQUESTS", "48"))
 # Long enough for requests that are still generating when a client goes away (overrides BASE_ARGS);
 # the servers here run a copy of the tiny model whose config allows it (its weights are the same).
-LONG_CONTEXT = ("--max-model-len", "8192")
-LONG_GENERATION = 7000
+# Long enough that a request is still running when a test, slowed by a loaded machine, looks at it.
+LONG_CONTEXT = ("--max-model-len", "32768")
+LONG_GENERATION = 30000
 
 
 @pytest.fixture(scope="module")
 def long_llava(tiny_llava, tmp_path_factory):
-    """The tiny LLaVA with max_position_embeddings 8192 (RoPE, random weights: any length is as good)."""
+    """The tiny LLaVA with max_position_embeddings 32768 (RoPE, random weights: any length is as good)."""
     import shutil
 
     folder = tmp_path_factory.mktemp("long-llava") / "model"
     shutil.copytree(tiny_llava, folder)
     config = json.loads((folder / "config.json").read_text())
-    config["text_config"]["max_position_embeddings"] = 8192
+    config["text_config"]["max_position_embeddings"] = 32768
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
