@@ -179,7 +179,8 @@ def analyze(
 
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    epilog="Every other option is passed to vLLM's OpenAI-compatible server (python -m vllm.entrypoints.openai.api_server).",
+    epilog="Every other option is passed to `vllm serve` (run as python -m steer_server.serving.vllm_cli serve): "
+    "--api-server-count, --data-parallel-size, --pipeline-parallel-size, --headless and the rest are vLLM's own.",
 )
 def serve(
     ctx: typer.Context,
@@ -208,6 +209,7 @@ def serve(
     """Serve MODEL with vLLM's OpenAI-compatible server and per-request head steering."""
     import os
 
+    from .serving import vllm_cli
     from .serving.plugin import ENTRY_POINT_NAME
     from .serving.policy import policy
     from .serving.settings import (
@@ -254,14 +256,7 @@ def serve(
     except SteeringConfigError as exc:
         _fail(str(exc))
     assert current is not None
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model,
-        *ctx.args,
-    ]
+    command = [sys.executable, "-m", vllm_cli.__name__, "serve", model, *ctx.args]
     typer.echo(f"modality-steer: profile {current.profile.profile_id} ({profile}); starting vLLM", err=True)
     os.execvp(command[0], command)
 

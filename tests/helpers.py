@@ -79,14 +79,21 @@ def image_url(colour: tuple[int, int, int]) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def chat(client: Any, model: str, loaded: LoadedSample, steer: Any = None, **kwargs: Any) -> Any:
+def chat(
+    client: Any,
+    model: str,
+    loaded: LoadedSample,
+    steer: Any = None,
+    max_tokens: int = MAX_TOKENS,
+    **kwargs: Any,
+) -> Any:
     extra: dict[str, Any] = {"ignore_eos": True}
     if steer is not None:
         extra["modality_steer"] = steer
     return client.chat.completions.create(
         model=model,
         messages=openai_messages(loaded),
-        max_tokens=MAX_TOKENS,
+        max_tokens=max_tokens,
         temperature=0,
         logprobs=True,
         top_logprobs=5,

@@ -101,7 +101,6 @@ REFUSALS = [
     ({"use_v2_model_runner": True}, 8, 2048, "V2 model runner"),
     ({"parallel_config": SimpleNamespace(enable_dbo=True, ubatch_size=0)}, 8, 2048, "micro-batching"),
     ({"parallel_config": SimpleNamespace(enable_dbo=False, ubatch_size=2)}, 8, 2048, "micro-batching"),
-    ({"speculative_config": object()}, 8, 2048, "speculative decoding"),
     ({"model_config": SimpleNamespace(use_mla=True)}, 8, 2048, "MLA attention"),
     (
         {"compilation_config": SimpleNamespace(pass_config=SimpleNamespace(fuse_attn_quant=True))},
@@ -121,6 +120,24 @@ def test_engine_refusals_name_the_configuration(overrides, heads, tokens, needle
         assert found == []
     else:
         assert len(found) == 1 and needle in found[0], found
+
+
+def test_a_drafter_running_the_targets_attention_is_refused_by_name():
+    """Speculative decoding: a drafter with its own layers runs unsteered (allowed); one that runs the
+    target model's attention modules would be scaled with the target's slot map (refused, by method)."""
+    from torch import nn
+
+    from steer_server.serving.settings import SteeringConfigError
+    from steer_server.serving.worker import _check_drafter
+
+    target_layers = {0: nn.Linear(2, 2), 1: nn.Linear(2, 2)}
+    spec = SimpleNamespace(speculative_config=SimpleNamespace(method="mtp"))
+    own = SimpleNamespace(drafter=SimpleNamespace(model=nn.Sequential(nn.Linear(2, 2))), vllm_config=spec)
+    shared = SimpleNamespace(drafter=SimpleNamespace(model=nn.Sequential(target_layers[1])), vllm_config=spec)
+    for runner in (SimpleNamespace(), SimpleNamespace(drafter=object()), own):  # none, n-gram, own layers
+        _check_drafter(runner, target_layers)
+    with pytest.raises(SteeringConfigError, match="method 'mtp'"):
+        _check_drafter(shared, target_layers)
 
 
 def test_a_worker_without_steering_says_why():

@@ -78,19 +78,31 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 class _Metrics:
+    """The API server's metrics. With several API servers (`--api-server-count`, data parallel) vLLM
+    puts `prometheus_client` in multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`,
+    `vllm/v1/metrics/prometheus.py`), which exports counters summed over the processes and gauges, but
+    not `Info`: the profile is therefore a gauge of value 1 with the profile in its labels, one series
+    per deployment (`multiprocess_mode="max"`)."""
+
     def __init__(self, plugin: PluginSettings) -> None:
-        from prometheus_client import Counter, Info
+        from prometheus_client import Counter, Gauge
 
         self.requests = Counter("modality_steer_requests", "Requests by effective steering mode", ["mode"])
         self.rejected = Counter("modality_steer_rejected", "Requests refused by modality-steer", ["reason"])
-        self.info = Info("modality_steer_profile", "The arbitration-head profile this server applies")
-        self.info.info(
-            {
-                "profile_id": plugin.profile.profile_id,
-                "model": plugin.profile.model.architecture,
-                "profile_path": str(plugin.profile_path),
-            }
+        self.profile = Gauge(
+            "modality_steer_profile_info",
+            "The arbitration-head profile this server applies (value 1; the profile in the labels)",
+            ["profile_id", "model", "profile_path", "settings_id"],
+            multiprocess_mode="max",
         )
+        self.profile.labels(
+            profile_id=plugin.profile.profile_id,
+            model=plugin.profile.model.architecture,
+            profile_path=str(plugin.profile_path),
+            settings_id=plugin.settings_id,
+        ).set(1)
+        for mode in ("off", "image", "text", "heads"):
+            self.requests.labels(mode=mode)  # exported at 0 from the start
 
 
 _METRICS: _Metrics | None = None

@@ -14,6 +14,7 @@ from .api import patch_api_server
 from .engine_core import patch_engine_core_request
 from .frontend import patch_request_builders
 from .policy import policy
+from .settings import forward_to_ray_workers
 from .worker import patch_model_runner, select_v1_runner
 
 ENTRY_POINT_GROUP = "vllm.general_plugins"
@@ -34,6 +35,7 @@ def register() -> None:
     if _REGISTERED or policy() is None:
         return
     select_v1_runner()
+    forward_to_ray_workers()
     patch_model_runner()
     patch_engine_core_request()
     patch_request_builders()

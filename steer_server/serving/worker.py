@@ -50,7 +50,7 @@ def engine_refusals(config: Any, local_heads: int, max_tokens: int) -> list[str]
     """Engine configurations under which the plugin's hooks would not run or would mis-map tokens,
     named (empty: none). Read from a `VllmConfig`.
 
-    - speculative decoding, MLA attention, attention that fuses FP8 output quantisation;
+    - MLA attention, attention that fuses FP8 output quantisation;
     - micro-batching (`--enable-dbo`, `--ubatch-size` > 1): attention runs once per micro-batch, with
       token offsets the per-step slot map does not follow (`vllm/v1/worker/ubatching.py`);
     - vLLM's V2 model runner (`VllmConfig.use_v2_model_runner`; watermarking forces it even with
@@ -61,8 +61,6 @@ def engine_refusals(config: Any, local_heads: int, max_tokens: int) -> list[str]
     from ..kernels.head_scale import MAX_HEADS, MAX_TOKENS
 
     refusals = []
-    if config.speculative_config is not None:
-        refusals.append("speculative decoding")
     parallel = config.parallel_config
     if getattr(parallel, "enable_dbo", False) or int(getattr(parallel, "ubatch_size", 0) or 0) > 1:
         refusals.append("micro-batching (--enable-dbo, --ubatch-size)")
@@ -96,7 +94,11 @@ class WorkerSteering:
 
     def __init__(self, runner: Any, plugin: PluginSettings) -> None:
         import torch
-        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+        from vllm.distributed import (
+            get_pp_group,
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
 
         self.plugin = plugin
         self.device = runner.device
@@ -104,8 +106,18 @@ class WorkerSteering:
         self.max_tokens = int(runner.max_num_tokens)
         self.tp_rank = get_tensor_model_parallel_rank()
         self.tp_size = get_tensor_model_parallel_world_size()
+        parallel = runner.parallel_config
+        self.pp_rank = int(get_pp_group().rank_in_group)
+        # Dense models run each DP rank as an independent DP=1 engine; `data_parallel_index` keeps the
+        # rank (`vllm/v1/engine/core.py`, `reconfigure_for_independent_dp_rank`).
+        self.dp_rank = int(getattr(parallel, "data_parallel_index", parallel.data_parallel_rank))
+        # Pipeline parallel: this stage holds layers [first, end) of the model; module names keep global
+        # layer indices (`vllm/model_executor/models/utils.py`, `make_layers`), and so do profiles.
+        self.stage_layers = tuple(runner.model_config.get_layers_start_end_indices(parallel))
+        self.total_layers = int(runner.model_config.get_total_num_hidden_layers())
         self.layers = _decoder_attention_layers(runner.model)
         self._check_model(runner)
+        _check_drafter(runner, self.layers)
         self.local_heads = int(next(iter(self.layers.values())).num_heads)
         refusals = engine_refusals(runner.vllm_config, self.local_heads, self.max_tokens)
         if refusals:
@@ -114,9 +126,9 @@ class WorkerSteering:
             )
         first = self.tp_rank * self.local_heads
         # Global (layer, head) of the profile → this rank's steered layers and local head indices.
-        wanted = {lh for mode in ("image", "text") for lh in plugin.profile.heads(mode)}
+        wanted = {layer for mode in ("image", "text") for layer, _ in plugin.profile.heads(mode)}
         self.steered_layers = sorted(
-            {layer for layer, _ in wanted} | ({*self.layers} if plugin.allow_raw_heads else set())
+            (set(self.layers) & wanted) | (set(self.layers) if plugin.allow_raw_heads else set())
         )
         self.first_head = first
         self.tables = {
@@ -135,13 +147,18 @@ class WorkerSteering:
         self._step = 0
         for layer in self.steered_layers:
             _wrap_attention(self.layers[layer], self, self.tables[layer])
-        logger.info(
-            "modality-steer: profile %s on %d decoder layers (%d steerable), TP rank %d/%d, %d slots",
+        logger.warning(
+            "modality-steer: profile %s; DP rank %d, PP stage %d (layers %d-%d of %d), TP rank %d/%d; "
+            "steered layers %s; %d slots",
             plugin.profile.profile_id,
-            len(self.layers),
-            len(self.steered_layers),
+            self.dp_rank,
+            self.pp_rank,
+            self.stage_layers[0],
+            self.stage_layers[1] - 1,
+            self.total_layers,
             self.tp_rank,
             self.tp_size,
+            self.steered_layers,
             self.max_slots - 1,
         )
 
@@ -152,7 +169,7 @@ class WorkerSteering:
                 "modality-steer: found no decoder attention layers (layers.N.self_attn.attn) to steer"
             )
         sample = next(iter(self.layers.values()))
-        served = (len(self.layers), int(sample.num_heads) * self.tp_size, int(sample.head_size))
+        served = (self.total_layers, int(sample.num_heads) * self.tp_size, int(sample.head_size))
         profiled = model_info.shape()
         if served != profiled:
             raise SteeringConfigError(
@@ -212,7 +229,7 @@ class WorkerSteering:
             table[free].fill_(1.0)
         for (layer, head), gain in gains.items():
             local = head - self.first_head
-            if 0 <= local < self.local_heads:
+            if layer in self.tables and 0 <= local < self.local_heads:  # this stage's layers, rank's heads
                 self.tables[layer][free, local] = gain
         self._slot_of_digest[digest] = free
         self._digest_of_slot[free] = digest
@@ -247,7 +264,10 @@ class WorkerSteering:
             "armed": True,
             "profile_id": self.plugin.profile.profile_id,
             "settings_id": self.plugin.settings_id,
+            "dp_rank": self.dp_rank,
+            "pp_rank": self.pp_rank,
             "tp_rank": self.tp_rank,
+            "layers": list(self.stage_layers),
             "steered_layers": self.steered_layers,
             "slots_in_use": self.slots_in_use,
             "max_slots": self.max_slots - 1,
@@ -256,6 +276,15 @@ class WorkerSteering:
         }
 
     # ---- per step ----------------------------------------------------------------------------
+
+    def deactivate(self) -> None:
+        """Scale nothing until the next `begin_step`: zero the slot map's used extent (a captured full
+        CUDA graph reads the buffer) and stop the eager path. Called before dummy and profiling runs
+        (idle data-parallel ranks, warm-up, graph capture), whose tokens belong to no request."""
+        if self._dirty:
+            self.slot_map[: self._dirty].zero_()
+            self._dirty = 0
+        self.active = False
 
     def begin_step(self, runner: Any, num_scheduled_tokens: Any) -> None:
         """Fill the token → slot map for the step the runner has just prepared (called after
@@ -282,10 +311,7 @@ class WorkerSteering:
                 f"modality-steer: {total} tokens in a step, the slot map holds {self.max_tokens}"
             )
         if not slots.any():
-            if self._dirty:  # a captured full CUDA graph reads this buffer: leave it all zeros
-                self.slot_map[: self._dirty].zero_()
-                self._dirty = 0
-            self.active = False
+            self.deactivate()
             return
         per_token = np.repeat(slots, counts)
         view = self._slot_map_cpu.numpy()
@@ -306,6 +332,27 @@ def _decoder_attention_layers(model: Any) -> dict[int, Any]:
         if match and isinstance(module, Attention):
             layers[int(match.group(1))] = module
     return dict(sorted(layers.items()))
+
+
+def _check_drafter(runner: Any, layers: dict[int, Any]) -> None:
+    """Speculative decoding: the target model is steered on every token it verifies; a drafter (EAGLE,
+    MTP, draft model) runs unsteered, which can only lower the acceptance rate. A drafter that runs the
+    target's own attention layers would be steered with a slot map laid out for the target's batch.
+
+    Raises:
+        SteeringConfigError: the drafter shares attention layers with the target model.
+    """
+    drafter_model = getattr(getattr(runner, "drafter", None), "model", None)
+    if drafter_model is None:
+        return
+    targets = {id(layer) for layer in layers.values()}
+    shared = [name for name, module in drafter_model.named_modules() if id(module) in targets]
+    if shared:
+        method = getattr(runner.vllm_config.speculative_config, "method", "?")
+        raise SteeringConfigError(
+            f"modality-steer does not support speculative decoding method {method!r}: its drafter runs the "
+            f"target model's attention layers ({', '.join(shared[:3])}); refusing to start"
+        )
 
 
 def _wrap_attention(layer: Any, state: WorkerSteering, table: Any) -> None:
@@ -363,6 +410,8 @@ def patch_model_runner() -> None:
         base._prepare_inputs = _before_forward(base._prepare_inputs)  # type: ignore[method-assign]
     if not getattr(base._update_states, "_modality_steer", False):
         base._update_states = _after_update_states(base._update_states)  # type: ignore[method-assign]
+    if not getattr(base._dummy_run, "_modality_steer", False):
+        base._dummy_run = _deactivated_for(base._dummy_run)  # type: ignore[method-assign]
     from vllm.v1.worker.worker_base import WorkerBase
 
     setattr(WorkerBase, WORKER_STATE_METHOD, report_worker_state)
@@ -398,6 +447,17 @@ def _after_update_states(original: Any) -> Any:
 
     update_states._modality_steer = True  # type: ignore[attr-defined]
     return update_states
+
+
+def _deactivated_for(original: Any) -> Any:
+    def dummy_run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state: WorkerSteering | None = getattr(self, "_modality_steer", None)
+        if state is not None:
+            state.deactivate()
+        return original(self, *args, **kwargs)
+
+    dummy_run._modality_steer = True  # type: ignore[attr-defined]
+    return dummy_run
 
 
 def _after_load(original: Any) -> Any:
