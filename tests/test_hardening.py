@@ -462,7 +462,9 @@ def test_aborted_requests_free_their_slots(open_server, long_llava):
         )
         for spec in specs
     ]
-    held = wait_for_state(open_server, lambda state: sum(w["requests_steered"] for w in state) >= len(specs))
+    held = wait_for_state(
+        open_server, lambda state: sum(w["requests_steered"] for w in state) >= len(specs), timeout=120
+    )
     for sock in sockets:
         sock.close()
     assert sum(w["requests_steered"] for w in held) == len(specs), held

