@@ -36,13 +36,25 @@ class ArchitectureSpec:
 
 
 _LLAVA = ArchitectureSpec(layers_path="model.language_model.layers", image_token_attr="image_token_index")
-_QWEN2_VL = ArchitectureSpec(layers_path="model.language_model.layers")
+# Most transformers 5 multimodal classes keep the language model at `model.language_model`.
+_LANGUAGE_MODEL = ArchitectureSpec(layers_path="model.language_model.layers")
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "LlavaForConditionalGeneration": _LLAVA,
     "LlavaNextForConditionalGeneration": _LLAVA,
-    "Qwen2VLForConditionalGeneration": _QWEN2_VL,
-    "Qwen2_5_VLForConditionalGeneration": _QWEN2_VL,
+    "LlavaOnevisionForConditionalGeneration": _LANGUAGE_MODEL,
+    "Qwen2VLForConditionalGeneration": _LANGUAGE_MODEL,
+    "Qwen2_5_VLForConditionalGeneration": _LANGUAGE_MODEL,
+    "Qwen3VLForConditionalGeneration": _LANGUAGE_MODEL,
+    "Qwen3VLMoeForConditionalGeneration": _LANGUAGE_MODEL,
+    "Gemma3ForConditionalGeneration": _LANGUAGE_MODEL,
+    "InternVLForConditionalGeneration": _LANGUAGE_MODEL,
+    "Mistral3ForConditionalGeneration": _LANGUAGE_MODEL,
+    "Glm4vForConditionalGeneration": _LANGUAGE_MODEL,
+    "Glm4vMoeForConditionalGeneration": _LANGUAGE_MODEL,
+    "Idefics3ForConditionalGeneration": ArchitectureSpec(layers_path="model.text_model.layers"),
+    "SmolVLMForConditionalGeneration": ArchitectureSpec(layers_path="model.text_model.layers"),
+    "Llama4ForConditionalGeneration": ArchitectureSpec(layers_path="language_model.model.layers"),
 }
 
 
