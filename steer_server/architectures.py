@@ -26,6 +26,9 @@ class ArchitectureSpec:
             concatenation of the heads' outputs ``[..., heads * head_dim]`` (TransformerLens's `hook_z`).
         text_config_attr: attribute of the model config holding the language model's config.
         image_token_attr: attribute of the model config with the image placeholder token's id.
+        attention_layer_types: for hybrid models, the entries of the text config's `layer_types` whose
+            layers have attention heads (the others, e.g. linear attention, have none and no
+            `attention_path` module); None: every layer has attention.
     """
 
     layers_path: str
@@ -33,11 +36,17 @@ class ArchitectureSpec:
     o_proj_path: str = "o_proj"
     text_config_attr: str = "text_config"
     image_token_attr: str = "image_token_id"
+    attention_layer_types: tuple[str, ...] | None = None
 
 
 _LLAVA = ArchitectureSpec(layers_path="model.language_model.layers", image_token_attr="image_token_index")
 # Most transformers 5 multimodal classes keep the language model at `model.language_model`.
 _LANGUAGE_MODEL = ArchitectureSpec(layers_path="model.language_model.layers")
+# Qwen3.5: full attention on one layer in four, Gated DeltaNet (linear attention, no heads to scale)
+# elsewhere (`transformers.models.qwen3_5`, `layer_types`).
+_QWEN3_5 = ArchitectureSpec(
+    layers_path="model.language_model.layers", attention_layer_types=("full_attention",)
+)
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "LlavaForConditionalGeneration": _LLAVA,
@@ -50,11 +59,27 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "Gemma3ForConditionalGeneration": _LANGUAGE_MODEL,
     "InternVLForConditionalGeneration": _LANGUAGE_MODEL,
     "Mistral3ForConditionalGeneration": _LANGUAGE_MODEL,
+    "Qwen3_5ForConditionalGeneration": _QWEN3_5,
+    "Qwen3_5MoeForConditionalGeneration": _QWEN3_5,
     "Glm4vForConditionalGeneration": _LANGUAGE_MODEL,
     "Glm4vMoeForConditionalGeneration": _LANGUAGE_MODEL,
     "Idefics3ForConditionalGeneration": ArchitectureSpec(layers_path="model.text_model.layers"),
     "SmolVLMForConditionalGeneration": ArchitectureSpec(layers_path="model.text_model.layers"),
     "Llama4ForConditionalGeneration": ArchitectureSpec(layers_path="language_model.model.layers"),
+}
+
+
+# Families people deploy that the analysis cannot load, and why (the message names the way out).
+NOT_ANALYSABLE: dict[str, str] = {
+    "DeepseekVLV2ForCausalLM": (
+        "DeepSeek-VL2 has no transformers 5 class (its remote code breaks on transformers >= 4.48), so it "
+        "cannot be analysed here; vLLM serves it (Tiny: multi-head attention, steerable with a hand-written "
+        "profile; Small and base use MLA, which the server refuses)"
+    ),
+    "InternVLChatModel": (
+        "this is the original remote-code InternVL layout; analyse the transformers-native conversion "
+        "(the '-hf' checkpoints, InternVLForConditionalGeneration), which vLLM serves too"
+    ),
 }
 
 
@@ -72,6 +97,9 @@ def architecture_of(config: Any) -> tuple[str, ArchitectureSpec]:
     for name in names:
         if name in ARCHITECTURES:
             return name, ARCHITECTURES[name]
+    for name in names:
+        if name in NOT_ANALYSABLE:
+            raise UnsupportedArchitectureError(f"unsupported architecture {name}: {NOT_ANALYSABLE[name]}")
     raise UnsupportedArchitectureError(
         f"unsupported architecture {names or '(none in config)'}; supported: {', '.join(sorted(ARCHITECTURES))}"
     )
@@ -88,8 +116,17 @@ def geometry_of(config: Any) -> ModelGeometry:
     text = getattr(config, spec.text_config_attr)
     heads = int(text.num_attention_heads)
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    num_layers = int(text.num_hidden_layers)
+    attention_layers = None
+    if spec.attention_layer_types is not None:
+        types = list(text.layer_types)[:num_layers]
+        attention_layers = tuple(i for i, kind in enumerate(types) if kind in spec.attention_layer_types)
     return ModelGeometry(
-        architecture=name, num_layers=int(text.num_hidden_layers), num_heads=heads, head_dim=head_dim
+        architecture=name,
+        num_layers=num_layers,
+        num_heads=heads,
+        head_dim=head_dim,
+        attention_layers=attention_layers,
     )
 
 
@@ -112,13 +149,33 @@ def _attr_path(root: Any, path: str) -> Any:
     return reduce(getattr, path.split("."), root)
 
 
-def attention_modules(model: Any) -> list[Any]:
-    """The language model's self-attention modules, by layer index."""
+def attention_modules(model: Any) -> dict[int, Any]:
+    """The language model's self-attention modules by decoder layer index (only the layers that have
+    attention, :attr:`ModelGeometry.layers`).
+
+    Raises:
+        UnsupportedArchitectureError: the model's layers with attention modules are not those its config
+            describes.
+    """
     _, spec = architecture_of(model.config)
-    return [_attr_path(layer, spec.attention_path) for layer in _attr_path(model, spec.layers_path)]
+    path = spec.attention_path.split(".")
+    found = {}
+    for index, layer in enumerate(_attr_path(model, spec.layers_path)):
+        if hasattr(layer, path[0]):
+            found[index] = _attr_path(layer, spec.attention_path)
+    expected = geometry_of(model.config).layers
+    if tuple(found) != expected:
+        raise UnsupportedArchitectureError(
+            f"the model has attention modules on layers {list(found)}, its config describes {list(expected)}"
+        )
+    return found
 
 
-def o_proj_modules(model: Any) -> list[Any]:
-    """The language model's attention output projections, by layer index: their input is `hook_z`."""
+def o_proj_modules(model: Any) -> dict[int, Any]:
+    """The language model's attention output projections by decoder layer index: their input is
+    `hook_z`."""
     _, spec = architecture_of(model.config)
-    return [_attr_path(attention, spec.o_proj_path) for attention in attention_modules(model)]
+    return {
+        layer: _attr_path(attention, spec.o_proj_path)
+        for layer, attention in attention_modules(model).items()
+    }

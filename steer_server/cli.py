@@ -132,7 +132,7 @@ def toy_eval(
 def analyze(
     model_dir: Annotated[
         Path,
-        typer.Argument(help="A transformers checkpoint folder (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL)."),
+        typer.Argument(help="A transformers checkpoint folder of a family in the support matrix (README)."),
     ],
     data: Annotated[Path, typer.Option(help="JSONL conflict data (heads are selected on it).")],
     out: Annotated[Path, typer.Option(help="Profile JSON to write.")],

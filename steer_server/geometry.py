@@ -8,7 +8,7 @@ of the input of that layer's attention output projection (`o_proj`).
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ModelGeometry(BaseModel):
@@ -23,6 +23,9 @@ class ModelGeometry(BaseModel):
         fingerprint: optional identity of the checkpoint the geometry was read from
             (:func:`steer_server.profile.model_fingerprint`); a profile that carries one is applied to
             that checkpoint only.
+        attention_layers: the decoder layers that have attention heads, when not all do (hybrid models
+            such as Qwen3.5 put full attention on one layer in four and linear attention elsewhere);
+            None: every layer. Layer indices stay those of the whole decoder.
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -32,12 +35,46 @@ class ModelGeometry(BaseModel):
     num_heads: int = Field(gt=0)
     head_dim: int = Field(gt=0)
     fingerprint: str | None = None
+    attention_layers: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _attention_layers_in_range(self) -> ModelGeometry:
+        layers = self.attention_layers
+        if layers is not None:
+            if not layers:
+                raise ValueError("attention_layers must name at least one layer")
+            if list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < self.num_layers:
+                raise ValueError(
+                    f"attention_layers must be increasing layer indices in [0, {self.num_layers}), got {list(layers)}"
+                )
+        return self
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The decoder layers with attention heads, in order."""
+        return tuple(range(self.num_layers)) if self.attention_layers is None else self.attention_layers
+
+    def has_heads(self, layer: int) -> bool:
+        """Whether decoder layer `layer` exists and has attention heads."""
+        return 0 <= layer < self.num_layers and (
+            self.attention_layers is None or layer in self.attention_layers
+        )
+
+    def heads(self) -> list[tuple[int, int]]:
+        """Every (layer, head) of the model, by layer then head."""
+        return [(layer, head) for layer in self.layers for head in range(self.num_heads)]
 
     @property
     def total_heads(self) -> int:
-        """Heads over all layers (`num_layers * num_heads`)."""
-        return self.num_layers * self.num_heads
+        """Attention heads over all layers (`len(layers) * num_heads`)."""
+        return len(self.layers) * self.num_heads
 
-    def shape(self) -> tuple[int, int, int]:
-        """(num_layers, num_heads, head_dim): what two geometries must share to use one profile."""
-        return (self.num_layers, self.num_heads, self.head_dim)
+    def shape(self) -> tuple[int, tuple[int, ...], int, int]:
+        """(num_layers, layers with attention, num_heads, head_dim): what two geometries must share to
+        use one profile."""
+        return (self.num_layers, self.layers, self.num_heads, self.head_dim)
+
+    def describe(self) -> str:
+        """``"8 layers x 8 heads x head_dim 32"`` (attention layers named when not all have heads)."""
+        attention = "" if self.attention_layers is None else f" (attention on {list(self.attention_layers)})"
+        return f"{self.num_layers} layers{attention} x {self.num_heads} heads x head_dim {self.head_dim}"

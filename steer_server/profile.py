@@ -80,10 +80,8 @@ class Profile(BaseModel):
             seen: set[tuple[int, int]] = set()
             for item in entry.heads:
                 where = f"modes.{mode}.heads: layer {item.layer} head {item.head}"
-                if item.layer >= self.model.num_layers or item.head >= self.model.num_heads:
-                    raise ValueError(
-                        f"{where} is outside the model ({self.model.num_layers} layers x {self.model.num_heads} heads)"
-                    )
+                if not self.model.has_heads(item.layer) or item.head >= self.model.num_heads:
+                    raise ValueError(f"{where} is outside the model ({self.model.describe()})")
                 if (item.layer, item.head) in seen:
                     raise ValueError(f"{where} is listed twice")
                 seen.add((item.layer, item.head))
@@ -100,7 +98,12 @@ class Profile(BaseModel):
     @property
     def profile_id(self) -> str:
         """A short content hash (12 hex digits): names the profile in logs, headers and metrics."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # `attention_layers` is left out when unset, so that profiles written before it existed keep
+        # their id.
+        unset = {"model": {"attention_layers"}} if self.model.attention_layers is None else None
+        canonical = json.dumps(
+            self.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":")
+        )
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 

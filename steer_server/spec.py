@@ -131,6 +131,10 @@ def _raw_heads(items: Any, geometry: ModelGeometry, max_gain: float) -> tuple[tu
                 raise SpecError(f"{where}: {name} must be an integer, got {number!r}")
             if not 0 <= number < bound:
                 raise SpecError(f"{where}: {name} {number} is out of range [0, {bound})")
+        if not geometry.has_heads(layer):
+            raise SpecError(
+                f"{where}: layer {layer} has no attention heads (attention on {list(geometry.layers)})"
+            )
         if (layer, head) in seen:
             raise SpecError(f"{where}: layer {layer} head {head} is listed twice")
         seen.add((layer, head))

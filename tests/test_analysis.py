@@ -182,7 +182,7 @@ def test_hooks_are_removed_and_state_restored_even_on_error(tiny_llava, small_da
     loaded = load_model(tiny_llava)
     model = loaded.model
     geometry = geometry_of(model.config)
-    modules = [*o_proj_modules(model), *attention_modules(model)]
+    modules = [*o_proj_modules(model).values(), *attention_modules(model).values()]
 
     def hooks() -> int:
         return sum(len(m._forward_pre_hooks) for m in modules)
@@ -355,12 +355,22 @@ def test_head_count_mismatch_is_refused(tiny_llava, small_data, tmp_path):
         analyze(broken, small_data["test"], AnalysisConfig(progress=False, limit=8))
 
 
-def test_unsupported_architecture_lists_supported():
-    config = types.SimpleNamespace(architectures=["MllamaForConditionalGeneration"])
-    with pytest.raises(
-        UnsupportedArchitectureError, match="supported: LlavaForConditionalGeneration, LlavaNext"
-    ):
+UNSUPPORTED = [
+    (
+        "MllamaForConditionalGeneration",
+        "supported: Gemma3ForConditionalGeneration, Glm4vForConditionalGeneration",
+    ),
+    ("DeepseekVLV2ForCausalLM", "DeepSeek-VL2 has no transformers 5 class"),
+    ("InternVLChatModel", "analyse the transformers-native conversion (the '-hf' checkpoints"),
+]
+
+
+@pytest.mark.parametrize(("architecture", "needle"), UNSUPPORTED, ids=[a for a, _ in UNSUPPORTED])
+def test_unsupported_architectures_say_why(architecture, needle):
+    config = types.SimpleNamespace(architectures=[architecture])
+    with pytest.raises(UnsupportedArchitectureError) as caught:
         geometry_of(config)
+    assert needle in str(caught.value)
 
 
 def test_cli_exit_code_and_nothing_written(small_data, tiny_llava, tmp_path):

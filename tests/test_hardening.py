@@ -553,7 +553,7 @@ BAD_PROFILES: list[tuple[str, Any, str]] = [
         lambda p: json.dumps(
             {**p, "modes": {**p["modes"], "text": {"heads": [{"layer": 0, "head": 9, "score": 1}]}}}
         ),
-        "layer 0 head 9 is outside the model (2 layers x 4 heads)",
+        "layer 0 head 9 is outside the model (2 layers x 4 heads x head_dim 32)",
     ),
     (
         "negative gain",

@@ -8,7 +8,7 @@ import json
 import pytest
 from helpers import MINIMAL_PROFILE
 
-from steer_server.profile import ProfileError, load_profile, model_fingerprint, save_profile
+from steer_server.profile import Profile, ProfileError, load_profile, model_fingerprint, save_profile
 
 MINIMAL = MINIMAL_PROFILE
 
@@ -38,7 +38,7 @@ MALFORMED = [
     (_edit("modes.text", _DELETE), "modes must include both 'image' and 'text' (missing: text)"),
     (
         _edit("modes.image.heads.0.layer", 8),
-        "modes.image.heads: layer 8 head 3 is outside the model (8 layers x 8 heads)",
+        "modes.image.heads: layer 8 head 3 is outside the model (8 layers x 8 heads x head_dim 32)",
     ),
     (_edit("modes.image.heads.0.head", 9), "layer 5 head 9 is outside the model"),
     (
@@ -47,6 +47,12 @@ MALFORMED = [
     ),
     (_edit("modes.image.heads.0.score", "high"), "modes.image.heads.0.score: Input should be a valid number"),
     (_edit("modes.audio", {"heads": []}), "modes.audio.[key]"),
+    (
+        _edit("model.attention_layers", [3, 7]),
+        "layer 5 head 3 is outside the model (8 layers (attention on [3, 7]) x 8 heads x head_dim 32)",
+    ),
+    (_edit("model.attention_layers", [7, 3]), "attention_layers must be increasing layer indices in [0, 8)"),
+    (_edit("model.attention_layers", [8]), "attention_layers must be increasing layer indices in [0, 8)"),
 ]
 
 
@@ -87,3 +93,14 @@ def test_fingerprint_changes_with_the_model(tiny_llava, tmp_path):
     (other / "config.json").write_text(json.dumps(config))
     (other / "model.safetensors").write_bytes((tiny_llava / "model.safetensors").read_bytes())
     assert model_fingerprint(other) != first
+
+
+def test_profiles_without_attention_layers_keep_their_id():
+    """`attention_layers` (hybrid models) is left out of the id when unset: the shipped profile's id is the
+    one it had before the field existed."""
+    from steer_server.eval.demo import toy_profile_path
+
+    assert load_profile(toy_profile_path()).profile_id == "3cd7ac40d51e"
+    hybrid = copy.deepcopy(MINIMAL)
+    hybrid["model"]["attention_layers"] = [1, 5, 6]
+    assert Profile.model_validate(hybrid).profile_id != Profile.model_validate(MINIMAL).profile_id

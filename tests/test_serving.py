@@ -242,7 +242,7 @@ def test_profile_for_another_model_stops_startup(tiny_llava, tmp_path):
     server = serve(tiny_llava, profile, "--enforce-eager")
     with pytest.raises(
         ServerStartError,
-        match=r"3 layers x 4 heads x head_dim 32, but the served model has 2 layers x 4 heads",
+        match=r"3 layers x 4 heads x head_dim 32, but the served model has 2 layers \(attention on \[0, 1\] of layers 0-1\) x 4 heads",
     ):
         server.start()
     assert server.process is not None and server.process.returncode not in (0, None)

@@ -118,3 +118,38 @@ def test_gains_matrix():
     table = gains_matrix({(5, 3): 0.0, (1, 0): 2.0}, GEOMETRY)
     assert table.shape == (8, 8) and table[5, 3] == 0.0 and table[1, 0] == 2.0
     assert int((table == 1.0).sum()) == 62
+
+
+HYBRID = ModelGeometry(
+    architecture="Qwen3_5ForConditionalGeneration",
+    num_layers=8,
+    num_heads=4,
+    head_dim=32,
+    attention_layers=(3, 7),
+)
+HYBRID_REFUSED = [
+    ({"heads": [[2, 0, 2.0]]}, "heads[0]: layer 2 has no attention heads (attention on [3, 7])"),
+    ({"heads": [[8, 0, 2.0]]}, "heads[0]: layer 8 is out of range [0, 8)"),
+    (
+        {"heads": [[i % 2 * 4 + 3, i // 2, 2.0] for i in range(9)]},
+        "heads lists 9 entries; the model has only 8 heads",
+    ),
+]
+
+
+@pytest.mark.parametrize(("value", "needle"), HYBRID_REFUSED, ids=[n for _, n in HYBRID_REFUSED])
+def test_raw_heads_of_a_hybrid_model_must_sit_on_attention_layers(value, needle):
+    with pytest.raises(SpecError) as caught:
+        parse_spec(value, geometry=HYBRID, allow_raw_heads=True)
+    assert needle in str(caught.value)
+    spec = parse_spec({"heads": [[3, 0, 0.0], [7, 3, 2.0]]}, geometry=HYBRID, allow_raw_heads=True)
+    assert spec.heads == ((3, 0, 0.0), (7, 3, 2.0))
+
+
+def test_hybrid_geometry_counts_only_attention_heads():
+    assert HYBRID.layers == (3, 7) and HYBRID.total_heads == 8 and HYBRID.heads()[:2] == [(3, 0), (3, 1)]
+    assert HYBRID.has_heads(3) and not HYBRID.has_heads(2) and not HYBRID.has_heads(8)
+    assert GEOMETRY.layers == tuple(range(8)) and GEOMETRY.total_heads == 64
+    for bad in ((), (7, 3), (3, 3), (8,), (-1,)):
+        with pytest.raises(ValueError, match="attention_layers"):
+            ModelGeometry(architecture="x", num_layers=8, num_heads=4, head_dim=32, attention_layers=bad)

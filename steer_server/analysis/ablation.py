@@ -49,11 +49,9 @@ def rank_mode(
     (scores: [N, L, H] attribution) and keep the `k` with the largest measured drop."""
     from tqdm import tqdm
 
-    mean_scores = scores[indices].mean(dim=0)  # [L, H]
-    order = torch.argsort(mean_scores.flatten(), descending=True).tolist()
-    candidates = [
-        (i // geometry.num_heads, i % geometry.num_heads) for i in order[: max(k * candidate_factor, k)]
-    ]
+    mean_scores = scores[indices].mean(dim=0)  # [L, H]; NaN on layers without attention heads
+    ranked = sorted(geometry.heads(), key=lambda lh: float(mean_scores[lh]), reverse=True)
+    candidates = ranked[: max(k * candidate_factor, k)]
     base = runner.score(indices=indices).metric
     exact: dict[tuple[int, int], float] = {}
     for layer, head in tqdm(candidates, desc="exact ablation", disable=not progress, unit="head"):

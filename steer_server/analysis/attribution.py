@@ -3,6 +3,7 @@ sample), the first-order effect of zeroing a head."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -46,11 +47,12 @@ def _embeddings_as_leaf(model: Any) -> Iterator[None]:
 def attribution(runner: Runner, geometry: ModelGeometry, progress: bool) -> torch.Tensor:
     """[N, L, H] predicted drop of the metric when each head is zeroed, to first order:
     m - m(z_h = 0) ~ sum over positions of z_h . dm/dz_h, which is also exactly dm/dgain_h at gain 1.
+    Layers without attention heads (hybrid models) are NaN.
 
     `hook_z` is held only for the batch in flight and reduced to [B, L, H] after the backward.
 
     Raises:
-        AnalysisError: the forward did not pass through every layer's `o_proj` once.
+        AnalysisError: the forward did not pass through every attention layer's `o_proj` once.
     """
     from tqdm import tqdm
 
@@ -61,14 +63,17 @@ def attribution(runner: Runner, geometry: ModelGeometry, progress: bool) -> torc
             with capture_head_outputs(model) as captured, torch.enable_grad():
                 logits = last_position_logits(runner.loaded, runner.batch(start))
                 runner.metric(start, logits).sum().backward()
-            if len(captured) != geometry.num_layers:
+            if [layer for layer, _ in captured] != list(geometry.layers):
                 raise AnalysisError(
-                    f"expected {geometry.num_layers} o_proj inputs per forward, saw {len(captured)}"
+                    f"expected one o_proj input per attention layer {list(geometry.layers)} per forward, "
+                    f"saw layers {[layer for layer, _ in captured]}"
                 )
-            per_layer = []
-            for z in captured:
+            batch_scores = torch.full(
+                (captured[0][1].shape[0], geometry.num_layers, geometry.num_heads), math.nan
+            )
+            for layer, z in captured:
                 assert z.grad is not None
                 product = (z * z.grad).unflatten(-1, (geometry.num_heads, geometry.head_dim))  # [B, S, H, D]
-                per_layer.append(product.sum(dim=(1, 3)))
-            scores.append(torch.stack(per_layer, dim=1).detach().cpu())
+                batch_scores[:, layer] = product.sum(dim=(1, 3)).detach().cpu()
+            scores.append(batch_scores)
     return torch.cat(scores)

@@ -15,6 +15,7 @@ once everything has finished.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ def _conflicts(samples: list[LoadedSample], path: Path) -> list[LoadedSample]:
 
 def _check_heads(model: Any, geometry: ModelGeometry) -> None:
     width = geometry.num_heads * geometry.head_dim
-    for layer, module in enumerate(o_proj_modules(model)):
+    for layer, module in o_proj_modules(model).items():
         if module.in_features != width:
             raise AnalysisError(
                 f"layer {layer}: o_proj reads {module.in_features} features but the config says "
@@ -180,18 +181,24 @@ def build_profile(
                 for mode in MODES
             },
             "scores": {
-                "attribution": {mode: results[mode].attribution.tolist() for mode in MODES},
+                "attribution": {mode: _json_table(results[mode].attribution) for mode in MODES},
                 "exact_ablation": {
                     mode: [[la, h, round(v, 6)] for (la, h), v in results[mode].exact.items()]
                     for mode in MODES
                 },
                 "meaning": "attribution: mean predicted drop of the log-prob difference when the head is zeroed "
-                "(gradient x activation); exact_ablation and heads[].score: the measured mean drop",
+                "(gradient x activation; null on layers without attention heads); exact_ablation and "
+                "heads[].score: the measured mean drop",
             },
             "validation": validation,
             "provenance": provenance,
         }
     )
+
+
+def _json_table(table: torch.Tensor) -> list[list[float | None]]:
+    """[L, H] as nested lists, NaN (layers without attention heads) as null."""
+    return [[None if math.isnan(v) else v for v in row] for row in table.tolist()]
 
 
 def write_outputs(result: AnalysisResult, out: Path, plots: Path | None) -> list[Path]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..profile import MODES, Profile
 
 
 def plot_heatmaps(profile: Profile, scores: dict[str, torch.Tensor], path: Path) -> None:
-    """Two heatmaps (one per mode) of the mean attribution [L, H], the selected heads boxed."""
+    """Two heatmaps (one per mode) of the mean attribution [L, H], the selected heads boxed; layers
+    without attention heads (NaN) are left blank."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,7 +23,7 @@ def plot_heatmaps(profile: Profile, scores: dict[str, torch.Tensor], path: Path)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
     for axis, mode in zip(axes, MODES, strict=True):
         table = scores[mode].numpy()
-        limit = float(abs(table).max()) or 1.0
+        limit = float(np.nanmax(np.abs(table))) or 1.0
         image = axis.imshow(table, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
         for entry in profile.modes[mode].heads:  # type: ignore[index]
             axis.add_patch(

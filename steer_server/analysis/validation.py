@@ -130,12 +130,7 @@ def validate(
     """
     rng = random.Random(config.seed)
     excluded = {lh for heads in selected.values() for lh in heads}
-    pool = [
-        (layer, head)
-        for layer in range(geometry.num_layers)
-        for head in range(geometry.num_heads)
-        if (layer, head) not in excluded
-    ]
+    pool = [lh for lh in geometry.heads() if lh not in excluded]
     validator = _Validator(runner, geometry, config)
     modes: dict[str, Any] = {}
     pooled = {gain: _SweepCounts() for gain in config.gains}

@@ -28,9 +28,9 @@ from ..architectures import attention_modules, geometry_of, o_proj_modules
 
 
 @contextmanager
-def _hooks(modules: list[Any], make: Any, **options: Any) -> Iterator[None]:
+def _hooks(modules: dict[int, Any], make: Any, **options: Any) -> Iterator[None]:
     with ExitStack() as stack:
-        for layer, module in enumerate(modules):
+        for layer, module in modules.items():
             hook = make(layer)
             if hook is not None:
                 stack.callback(module.register_forward_pre_hook(hook, **options).remove)
@@ -72,17 +72,17 @@ def scale_heads(model: Any, gains: torch.Tensor) -> Iterator[None]:
 
 
 @contextmanager
-def capture_head_outputs(model: Any) -> Iterator[list[torch.Tensor]]:
-    """Collect `hook_z` of every layer, in forward order, with `retain_grad()` so that a backward pass
-    fills each tensor's `.grad` ([batch, positions, heads * head_dim] each). The list is filled by the
-    forward passes run inside the block."""
-    captured: list[torch.Tensor] = []
+def capture_head_outputs(model: Any) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    """Collect `(layer, hook_z)` of every layer with attention, in forward order, with `retain_grad()`
+    so that a backward pass fills each tensor's `.grad` ([batch, positions, heads * head_dim] each). The
+    list is filled by the forward passes run inside the block."""
+    captured: list[tuple[int, torch.Tensor]] = []
 
     def make(layer: int) -> Any:
         def keep(module: Any, args: tuple[torch.Tensor, ...]) -> None:
             if args[0].requires_grad:
                 args[0].retain_grad()
-            captured.append(args[0])
+            captured.append((layer, args[0]))
 
         return keep
 

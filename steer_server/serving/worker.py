@@ -170,12 +170,18 @@ class WorkerSteering:
             )
         sample = next(iter(self.layers.values()))
         served = (self.total_layers, int(sample.num_heads) * self.tp_size, int(sample.head_size))
-        profiled = model_info.shape()
-        if served != profiled:
+        first, end = self.stage_layers
+        # Hybrid models have attention on some layers only; this stage must hold exactly the profile's
+        # attention layers in its range.
+        profiled_here = [layer for layer in model_info.layers if first <= layer < end]
+        if (
+            served != (model_info.num_layers, model_info.num_heads, model_info.head_dim)
+            or list(self.layers) != profiled_here
+        ):
             raise SteeringConfigError(
-                f"modality-steer: the profile {self.plugin.profile_path} is for a model with {profiled[0]} layers x "
-                f"{profiled[1]} heads x head_dim {profiled[2]}, but the served model has {served[0]} layers x "
-                f"{served[1]} heads x head_dim {served[2]}"
+                f"modality-steer: the profile {self.plugin.profile_path} is for a model with "
+                f"{model_info.describe()}, but the served model has {served[0]} layers (attention on "
+                f"{list(self.layers)} of layers {first}-{end - 1}) x {served[1]} heads x head_dim {served[2]}"
             )
         if model_info.fingerprint:
             model_dir = Path(runner.model_config.model)
