@@ -85,9 +85,14 @@ def chat(
     loaded: LoadedSample,
     steer: Any = None,
     max_tokens: int = MAX_TOKENS,
+    token_ids: bool = False,
     **kwargs: Any,
 ) -> Any:
+    """A greedy chat request with top-5 logprobs; `token_ids`: tokens come back as ``token_id:N`` (for
+    byte-level vocabularies whose token strings do not survive detokenisation)."""
     extra: dict[str, Any] = {"ignore_eos": True}
+    if token_ids:
+        extra["return_tokens_as_token_ids"] = True
     if steer is not None:
         extra["modality_steer"] = steer
     return client.chat.completions.create(
@@ -110,13 +115,20 @@ def served_steps(reply: Any) -> list[tuple[str, dict[str, float]]]:
 
 
 def reference_steps(
-    loaded_model: LoadedModel, profile: Profile, sample: LoadedSample, steer: Any
+    loaded_model: LoadedModel,
+    profile: Profile,
+    sample: LoadedSample,
+    steer: Any,
+    token_ids: bool = False,
+    drop_inputs: tuple[str, ...] = (),
 ) -> list[tuple[str, dict[str, float]]]:
-    """Greedy steps and top-5 logprobs from transformers with the same gains (pre-hooks on o_proj)."""
+    """Greedy steps and top-5 logprobs from transformers with the same gains (pre-hooks on o_proj);
+    `token_ids`: tokens named ``token_id:N`` as vLLM names them with `return_tokens_as_token_ids`;
+    `drop_inputs`: processor outputs withheld from the model."""
     geometry = geometry_of(loaded_model.model.config)
     spec = parse_spec(steer if steer is not None else "off", geometry=geometry, allow_raw_heads=True)
     gains = gains_matrix(effective_gains(spec, profile), geometry)
-    batch = encode(loaded_model, [sample])
+    batch = {k: v for k, v in encode(loaded_model, [sample]).items() if k not in drop_inputs}
     tokenizer = loaded_model.processor.tokenizer
     with torch.inference_mode(), scale_heads(loaded_model.model, gains):
         out = loaded_model.model.generate(
@@ -128,15 +140,16 @@ def reference_steps(
             eos_token_id=None,
             pad_token_id=tokenizer.pad_token_id,
         )
+
+    def name(token: int) -> str:
+        return f"token_id:{token}" if token_ids else str(tokenizer.convert_ids_to_tokens(token))
+
     steps = []
     for logits in out.logits:
         logprobs = torch.log_softmax(logits[0].float(), dim=-1)
         top = torch.topk(logprobs, 5)
-        words = {
-            tokenizer.convert_ids_to_tokens(int(i)): float(v)
-            for v, i in zip(top.values, top.indices, strict=True)
-        }
-        steps.append((tokenizer.convert_ids_to_tokens(int(logprobs.argmax())), words))
+        words = {name(int(i)): float(v) for v, i in zip(top.values, top.indices, strict=True)}
+        steps.append((name(int(logprobs.argmax())), words))
     return steps
 
 

@@ -34,14 +34,19 @@ def token_groups(
     loaded: LoadedModel, samples: Sequence[LoadedSample], batch: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """[B, S] bool masks of each token group of a batch, located through the tokenizer's character
-    offsets of the rendered prompt (image tokens by the image token id).
+    offsets of the rendered prompt. The processor expands each image placeholder into image tokens,
+    often with markers around them (Pixtral's `[IMG_BREAK]` / `[IMG_END]`, Gemma 3's
+    `<start_of_image>`); every token the expansion inserted is an image token. The expanded ids are
+    aligned with the plain tokenisation by longest common runs (`difflib.SequenceMatcher`).
 
     Raises:
-        AnalysisError: the processor's tokens do not align with the prompt's.
+        AnalysisError: the processor's tokens do not align with the prompt's (an inserted run without
+            an image token).
     """
     processor = loaded.processor
     tokenizer = processor.tokenizer
     image_id = image_token_id(loaded.model.config)
+    markers = set(tokenizer.added_tokens_decoder)  # special and added tokens (image markers among them)
     ids = batch["input_ids"].cpu()
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     groups = {name: torch.zeros_like(ids, dtype=torch.bool) for name in GROUPS}
@@ -54,24 +59,60 @@ def token_groups(
         plain, offsets = encoded["input_ids"], encoded["offset_mapping"]
         spans = {name: _span(prompt, text) for name, text in prompt_parts(sample).items()}
         expanded = ids[row, : int(lengths[row])].tolist()
-        j = 0
-        for pos, token in enumerate(expanded):
-            if j >= len(plain) or (token != plain[j] and token != image_id):
+        for kind, plain_start, start, end in _aligned_runs(plain, expanded, image_id, markers):
+            if kind == "image":
+                groups["image"][row, start:end] = True
+                continue
+            if kind == "orphan":
                 raise AnalysisError(
-                    f"sample {sample.id}: cannot align the processor's tokens with the prompt's"
+                    f"sample {sample.id}: cannot align the processor's tokens with the prompt's "
+                    f"(positions {start}-{end - 1} are neither the prompt's nor an image's)"
                 )
-            if token == image_id:
-                groups["image"][row, pos] = True
-                run_continues = pos + 1 < len(expanded) and expanded[pos + 1] == image_id
-                if plain[j] == image_id and run_continues:
+            for offset in range(end - start):
+                if expanded[start + offset] == image_id:  # a placeholder the expansion kept in place
+                    groups["image"][row, start + offset] = True
                     continue
-            start, end = offsets[j]
-            for name, span in spans.items():
-                if start < span[1] and end > span[0]:
-                    groups[name][row, pos] = True
-            j += 1
+                first, last = offsets[plain_start + offset]
+                for name, span in spans.items():
+                    if first < span[1] and last > span[0]:
+                        groups[name][row, start + offset] = True
         groups["last"][row, int(lengths[row]) - 1] = True
     return groups
+
+
+def _aligned_runs(
+    plain: list[int], expanded: list[int], image_id: int, markers: set[int]
+) -> list[tuple[str, int, int, int]]:
+    """Runs of the expanded ids as (kind, start in `plain`, start, end in `expanded`): "text" (the
+    prompt's own tokens), "image" (inserted by the image expansion: runs holding the image token, and the
+    inserted or marker-only runs next to them, e.g. `<start_of_image>` and the line breaks a processor
+    adds around it) or "orphan" (inserted, with no image next to it)."""
+    from difflib import SequenceMatcher
+
+    kinds: list[str] = []
+    places: list[tuple[int, int, int]] = []
+    for tag, plain_start, _, start, end in SequenceMatcher(
+        None, plain, expanded, autojunk=False
+    ).get_opcodes():
+        if tag == "delete":
+            continue
+        tokens = expanded[start:end]
+        if tag != "equal":
+            kinds.append("image" if image_id in tokens else "orphan")
+        elif all(t == image_id for t in tokens):
+            kinds.append("image")
+        else:
+            kinds.append("marker" if all(t in markers for t in tokens) and image_id not in tokens else "text")
+        places.append((plain_start, start, end))
+    changed = True
+    while changed:
+        changed = False
+        for index, kind in enumerate(kinds):
+            neighbours = [kinds[i] for i in (index - 1, index + 1) if 0 <= i < len(kinds)]
+            if kind in ("marker", "orphan") and "image" in neighbours:
+                kinds[index] = "image"
+                changed = True
+    return [("text" if kind == "marker" else kind, *place) for kind, place in zip(kinds, places, strict=True)]
 
 
 def _span(text: str, part: str) -> tuple[int, int]:

@@ -91,9 +91,13 @@ def encode_prompts(
         )
         for s, f in zip(samples, flags, strict=True)
     ]
-    present = [image for image in images if image is not None]
+    # One list of images per prompt: processors that accept a flat list (LLaVA, Qwen) take this too, and
+    # Gemma 3's reads a flat list as one prompt's images (`make_nested_list_of_images`).
+    per_prompt = [[] if image is None else [image] for image in images]
     processor.tokenizer.padding_side = "right"
-    batch = processor(text=prompts, images=present or None, padding=True, return_tensors="pt")
+    batch = processor(
+        text=prompts, images=per_prompt if any(per_prompt) else None, padding=True, return_tensors="pt"
+    )
     return dict(batch)
 
 
