@@ -109,7 +109,12 @@ def encode(
     batch = encode_prompts(
         loaded.processor, [s.sample for s in samples], images, with_instruction=with_instruction
     )
-    return {key: value.to(loaded.device) for key, value in batch.items()}
+    # Some image processors return bf16 pixels (Llama 4's); the model runs in its own dtype.
+    dtype = loaded.model.dtype
+    return {
+        key: value.to(loaded.device, dtype=dtype) if value.is_floating_point() else value.to(loaded.device)
+        for key, value in batch.items()
+    }
 
 
 def last_position_logits(loaded: LoadedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
