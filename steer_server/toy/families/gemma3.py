@@ -11,6 +11,7 @@ import torch
 
 from ..model import save_checkpoint
 from ..tokenizer import CHAT_TEMPLATE, build_tokenizer
+from .common import language_model_fields
 
 BOI_TOKEN = "<start_of_image>"
 EOI_TOKEN = "<end_of_image>"
@@ -61,24 +62,15 @@ def build(
     tokenizer = build_tokenizer(SPECIAL, CHAT_TEMPLATE_GEMMA3, image_token=IMAGE_TOKEN)
     # What transformers' tokenizer __init__ does with model-specific `*_token` arguments; saved with it.
     tokenizer._set_model_specific_special_tokens({"boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN})
-    hidden = heads * head_dim
     config = Gemma3Config(
         text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads or heads,
+            **language_model_fields(
+                tokenizer, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim
+            ),
             "head_dim": head_dim,
             "query_pre_attn_scalar": head_dim,
             "sliding_window": SLIDING_WINDOW,
             "layer_types": ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)],
-            "max_position_embeddings": 512,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "tie_word_embeddings": False,
         },
         vision_config={
             "hidden_size": 64,

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..tokenizer import CHAT_TEMPLATE, build_tokenizer
+from .common import language_model_fields
 
 GLM_SPECIAL = (
     "<|begin_of_image|>",
@@ -68,23 +69,15 @@ def build(
     section = rotary_half * 3 // 8
     config = Glm4vConfig(
         text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads or heads,
-            "max_position_embeddings": 512,
+            **language_model_fields(
+                tokenizer, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim
+            ),
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 10000.0,
                 "partial_rotary_factor": 0.5,
                 "mrope_section": [rotary_half - 2 * section, section, section],
             },
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "tie_word_embeddings": False,
         },
         vision_config={
             "depth": 2,

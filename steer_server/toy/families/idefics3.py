@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..tokenizer import CHAT_TEMPLATE, build_tokenizer
+from .common import language_model_fields
 
 FAKE_IMAGE = "<fake_token_around_image>"
 GLOBAL_IMAGE = "<global-img>"
@@ -121,22 +122,13 @@ def _config_kwargs(
     tokenizer: Any, layers: int, heads: int, kv_heads: int | None, head_dim: int
 ) -> dict[str, Any]:
     """Keyword arguments of `Idefics3Config` and `SmolVLMConfig` (the same fields)."""
-    hidden = heads * head_dim
     return {
         "text_config": {
             "model_type": "llama",
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads or heads,
+            **language_model_fields(
+                tokenizer, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim
+            ),
             "head_dim": head_dim,
-            "max_position_embeddings": 512,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "tie_word_embeddings": False,
         },
         "vision_config": {
             "hidden_size": 64,

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..tokenizer import CHAT_TEMPLATE, build_tokenizer
+from .common import language_model_fields
 
 IMAGE = "<|image|>"
 PATCH = "<|patch|>"
@@ -72,24 +73,16 @@ def build(
     projector = 128
     config = Llama4Config(
         text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 2,
+            **language_model_fields(
+                tokenizer, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim
+            ),
             "intermediate_size_mlp": hidden * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads or heads,
             "head_dim": head_dim,
-            "max_position_embeddings": 512,
             "num_local_experts": EXPERTS,
             "num_experts_per_tok": 1,
             "interleave_moe_layer_step": 2,
             "attention_chunk_size": ATTENTION_CHUNK_SIZE,
             "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "tie_word_embeddings": False,
         },
         vision_config={
             "hidden_size": vision_hidden,

@@ -10,6 +10,7 @@ import torch
 
 from ..model import save_checkpoint
 from ..tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+from .common import language_model_fields
 
 VIDEO_TOKEN = "<video>"
 TILE_SIZE = 16
@@ -49,22 +50,13 @@ def build(
     tokenizer = build_tokenizer((VIDEO_TOKEN,), CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
     # What transformers' tokenizer __init__ does with model-specific `*_token` arguments; saved with it.
     tokenizer._set_model_specific_special_tokens({"video_token": VIDEO_TOKEN})
-    hidden = heads * head_dim
     config = LlavaOnevisionConfig(
         text_config={
             "model_type": "qwen2",
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads or heads,
+            **language_model_fields(
+                tokenizer, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim
+            ),
             "head_dim": head_dim,
-            "max_position_embeddings": 512,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "tie_word_embeddings": False,
         },
         vision_config={
             "model_type": "siglip_vision_model",

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..tokenizer import CHAT_TEMPLATE, build_tokenizer
+from .common import language_model_fields
 
 IMAGE_TOKEN = "[IMG]"
 IMAGE_BREAK_TOKEN = "[IMG_BREAK]"
@@ -48,23 +49,14 @@ def build(
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(SPECIAL, CHAT_TEMPLATE_MISTRAL3, image_token=IMAGE_TOKEN)
-    hidden = heads * head_dim
     config = Mistral3Config(
         text_config={
             "model_type": "mistral",
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads or heads,
+            **language_model_fields(
+                tokenizer, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim
+            ),
             "head_dim": head_dim,
-            "max_position_embeddings": 512,
             "sliding_window": None,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "tie_word_embeddings": False,
         },
         vision_config={
             "model_type": "pixtral",

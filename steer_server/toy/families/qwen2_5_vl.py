@@ -9,6 +9,7 @@ import torch
 
 from ..model import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL
 from ..tokenizer import build_tokenizer
+from .common import language_model_fields
 
 # Images are resized to exactly 56 x 56: 4 x 4 patches of 14, merged 2 x 2 into 4 image tokens.
 IMAGE_PIXELS = 56 * 56
@@ -52,22 +53,14 @@ def build(
     quarter = head_dim // 8
     config = Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads or heads,
-            "max_position_embeddings": 512,
+            **language_model_fields(
+                tokenizer, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim
+            ),
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 10000.0,
                 "mrope_section": [head_dim // 2 - 2 * quarter, quarter, quarter],
             },
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "tie_word_embeddings": False,
         },
         vision_config={
             "depth": 2,

@@ -12,6 +12,7 @@ import torch
 
 from ..model import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL
 from ..tokenizer import SPECIAL_TOKENS, vocabulary
+from .common import language_model_fields
 
 # Images are resized to exactly 64 x 64: 4 x 4 patches of 16, merged 2 x 2 into 4 image tokens.
 IMAGE_PIXELS = 64 * 64
@@ -68,12 +69,9 @@ def build(
     spatial = half_rotary // 4
     config = Qwen3_5Config(
         text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 2,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads or heads,
+            **language_model_fields(
+                tokenizer, layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim
+            ),
             "head_dim": head_dim,
             "layer_types": [
                 "full_attention" if (i + 1) % full_attention_interval == 0 else "linear_attention"
@@ -83,7 +81,6 @@ def build(
             "linear_num_value_heads": 2,
             "linear_key_head_dim": LINEAR_HEAD_DIM,
             "linear_value_head_dim": LINEAR_HEAD_DIM,
-            "max_position_embeddings": 512,
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 10000.0,
@@ -91,10 +88,6 @@ def build(
                 "mrope_interleaved": True,
                 "mrope_section": [half_rotary - 2 * spatial, spatial, spatial],
             },
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "tie_word_embeddings": False,
         },
         vision_config={
             "depth": 2,
