@@ -145,6 +145,7 @@ class WorkerSteering:
         self._digest_of_slot: dict[int, str] = {}
         self._last_step_of_digest: dict[str, int] = {}
         self._step = 0
+        self._peak_tracked = 0  # most requests tracked at once (running and preempted), since start
         for layer in self.steered_layers:
             _wrap_attention(self.layers[layer], self, self.tables[layer])
         logger.warning(
@@ -278,6 +279,7 @@ class WorkerSteering:
             "slots_in_use": self.slots_in_use,
             "max_slots": self.max_slots - 1,
             "requests_tracked": len(self._digest_of_request),
+            "requests_tracked_peak": self._peak_tracked,
             "requests_steered": sum(d is not None for d in self._digest_of_request.values()),
         }
 
@@ -306,6 +308,7 @@ class WorkerSteering:
         num_reqs = runner.input_batch.num_reqs
         request_ids = runner.input_batch.req_ids[:num_reqs]
         digests = [self._digest_for(r, runner.requests[r].sampling_params) for r in request_ids]
+        self._peak_tracked = max(self._peak_tracked, len(self._digest_of_request))
         needed = {d for d in digests if d is not None}
         for digest in needed:
             self._place(digest, needed)
