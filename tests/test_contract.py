@@ -121,6 +121,15 @@ def test_engine_refusals_name_the_configuration(overrides, heads, tokens, needle
         assert len(found) == 1 and needle in found[0], found
 
 
+def test_the_rust_front_end_is_refused_by_name(monkeypatch):
+    """vLLM's Rust front-end serves HTTP without the API server's app and request builders."""
+    monkeypatch.setenv("VLLM_USE_RUST_FRONTEND", "1")
+    found = engine_refusals(_config(), 8, 2048)
+    assert len(found) == 1 and "Rust front-end" in found[0], found
+    monkeypatch.setenv("VLLM_USE_RUST_FRONTEND", "0")
+    assert engine_refusals(_config(), 8, 2048) == []
+
+
 def test_a_drafter_running_the_targets_attention_is_refused_by_name():
     """Speculative decoding: a drafter with its own layers runs unsteered (allowed); one that runs the
     target model's attention modules would be scaled with the target's slot map (refused, by method)."""

@@ -155,21 +155,21 @@ def test_served_steering_equals_the_transformers_reference(family_server, serve_
             )
             for s in serve_samples[:SAMPLES]
         ]
+    off = json.dumps("off")
+    if family.serve_dtype == "float32":
+        tolerance = FP32_TOLERANCE
+    else:
+        unsteered = max(_max_delta(g, e) for g, e in zip(served[off], expected[off], strict=True))
+        tolerance = BF16_MARGIN * max(unsteered, 1e-3)
+    for key in served:
+        if key != off:  # otherwise the comparison proves nothing
+            moved = max(_max_delta(s, p) for s, p in zip(served[key], served[off], strict=True))
+            assert moved > 5 * tolerance, (key, moved, tolerance)
     if family.serve_dtype == "float32":
         for key in served:
             for got, want in zip(served[key], expected[key], strict=True):
-                assert_same_steps(got, want, FP32_TOLERANCE)
+                assert_same_steps(got, want, tolerance)
         return
-    off = json.dumps("off")
-    unsteered = max(_max_delta(g, e) for g, e in zip(served[off], expected[off], strict=True))
-    tolerance = BF16_MARGIN * max(unsteered, 1e-3)
-    moved = max(
-        _max_delta(steered, plain)
-        for key in served
-        if key != off
-        for steered, plain in zip(served[key], served[off], strict=True)
-    )
-    assert moved > 5 * tolerance, (moved, tolerance)  # otherwise the comparison proves nothing
     for key in served:
         for got, want in zip(served[key], expected[key], strict=True):
             assert_same_up_to_ties(got, want, tolerance)

@@ -174,7 +174,9 @@ def test_dummy_runs_scale_nothing_and_settings_reach_ray_workers(tiny_llava, lla
     itself refuses the Ray executor: "current platform cpu does not support ray")."""
     script = tmp_path / "in_process.py"
     script.write_text(IN_PROCESS)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {
+        k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("MODALITY_STEER_")
+    }
     env.update(
         MODALITY_STEER_PROFILE=str(llava_profile),
         MODALITY_STEER_DEFAULT="image",

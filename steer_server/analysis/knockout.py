@@ -132,7 +132,12 @@ def knockout(runner: Runner, geometry: ModelGeometry, window: int, progress: boo
         return mf_ratio_of([s.sample for s in runner.samples], follows.tolist())
 
     base = runner.score()
-    starts = list(range(0, geometry.num_layers - window + 1))
+    # Windows without attention heads (only linear-attention layers of a hybrid model) cut nothing.
+    starts = [
+        start
+        for start in range(0, geometry.num_layers - window + 1)
+        if any(geometry.has_heads(layer) for layer in range(start, start + window))
+    ]
     groups = {
         start: token_groups(
             runner.loaded, runner.samples[start : start + runner.batch_size], runner.batch(start)

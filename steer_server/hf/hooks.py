@@ -44,7 +44,7 @@ def scale_heads(model: Any, gains: torch.Tensor) -> Iterator[None]:
     Args:
         gains: [layers, heads] (one setting for the batch) or [batch, layers, heads] (one per row).
 
-    Every layer is hooked, even at gain 1, so that "gain 1 is an exact no-op" is a property of the hook's
+    Every layer with attention is hooked, even at gain 1, so that "gain 1 is an exact no-op" is a property of the hook's
     arithmetic and can be tested as such.
 
     Raises:

@@ -55,6 +55,8 @@ def engine_refusals(config: Any, local_heads: int, max_tokens: int) -> list[str]
       token offsets the per-step slot map does not follow (`vllm/v1/worker/ubatching.py`);
     - vLLM's V2 model runner (`VllmConfig.use_v2_model_runner`; watermarking forces it even with
       `VLLM_USE_V2_MODEL_RUNNER=0`): it keeps no sampling parameters per request;
+    - vLLM's Rust front-end (`VLLM_USE_RUST_FRONTEND`, `vllm/entrypoints/cli/serve.py`): it serves HTTP
+      without the API server's app and request builders, where `modality_steer` is read;
     - limits of the kernel: local heads per rank and tokens per step
       (`steer_server.kernels.head_scale.MAX_HEADS`, `MAX_TOKENS`).
     """
@@ -71,6 +73,8 @@ def engine_refusals(config: Any, local_heads: int, max_tokens: int) -> list[str]
         getattr(pass_config, "fuse_attn_quant", False) or getattr(pass_config, "enable_attn_fusion", False)
     ):
         refusals.append("attention with fused FP8 output quantisation")
+    if os.environ.get("VLLM_USE_RUST_FRONTEND", "0").lower() not in ("", "0", "false"):
+        refusals.append("vLLM's Rust front-end (VLLM_USE_RUST_FRONTEND): it bypasses the request hooks")
     if getattr(config, "use_v2_model_runner", False):
         refusals.append("vLLM's V2 model runner (set VLLM_USE_V2_MODEL_RUNNER=0, and no watermarking)")
     if local_heads > MAX_HEADS:
@@ -118,7 +122,10 @@ class WorkerSteering:
         self.layers = _decoder_attention_layers(runner.model)
         self._check_model(runner)
         _check_drafter(runner, self.layers)
-        self.local_heads = int(next(iter(self.layers.values())).num_heads)
+        # A pipeline stage of a hybrid model may hold no attention layer (nothing to steer there).
+        self.local_heads = plugin.profile.model.num_heads // self.tp_size
+        if self.layers:
+            self.local_heads = int(next(iter(self.layers.values())).num_heads)
         refusals = engine_refusals(runner.vllm_config, self.local_heads, self.max_tokens)
         if refusals:
             raise SteeringConfigError(
@@ -165,16 +172,18 @@ class WorkerSteering:
 
     def _check_model(self, runner: Any) -> None:
         model_info = self.plugin.profile.model
-        if not self.layers:
-            raise SteeringConfigError(
-                "modality-steer: found no decoder attention layers (layers.N.self_attn.attn) to steer"
-            )
-        sample = next(iter(self.layers.values()))
-        served = (self.total_layers, int(sample.num_heads) * self.tp_size, int(sample.head_size))
         first, end = self.stage_layers
         # Hybrid models have attention on some layers only; this stage must hold exactly the profile's
         # attention layers in its range.
         profiled_here = [layer for layer in model_info.layers if first <= layer < end]
+        if not self.layers:
+            if profiled_here or (first, end) == (0, self.total_layers):
+                raise SteeringConfigError(
+                    "modality-steer: found no decoder attention layers (layers.N.self_attn.attn) to steer"
+                )
+            return
+        sample = next(iter(self.layers.values()))
+        served = (self.total_layers, int(sample.num_heads) * self.tp_size, int(sample.head_size))
         if (
             served != (model_info.num_layers, model_info.num_heads, model_info.head_dim)
             or list(self.layers) != profiled_here
@@ -234,10 +243,11 @@ class WorkerSteering:
         gains = self._gains_of_digest[digest]
         for table in self.tables.values():
             table[free].fill_(1.0)
+        first, end = self.stage_layers
         for (layer, head), gain in gains.items():
             local = head - self.first_head
-            if layer in self.tables and 0 <= local < self.local_heads:  # this stage's layers, rank's heads
-                self.tables[layer][free, local] = gain
+            if first <= layer < end and 0 <= local < self.local_heads:  # this stage's layers, rank's heads
+                self.tables[layer][free, local] = gain  # KeyError: a steered layer without a table
         self._slot_of_digest[digest] = free
         self._digest_of_slot[free] = digest
 
