@@ -6,6 +6,9 @@ import base64
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +171,28 @@ def assert_same_steps(got, expected, tolerance):
         for word, logprob in want_top.items():
             if logprob > -20:  # ranks among near-zero probabilities are not comparable
                 assert math.isclose(got_top[word], logprob, abs_tol=tolerance), (word, got_top, want_top)
+
+
+def engine_env(**variables: str) -> dict[str, str]:
+    """This process's environment with `variables`, without the Triton interpreter switch of the test
+    session (an engine must never inherit it)."""
+    return {k: v for k, v in {**os.environ, **variables}.items() if k != "TRITON_INTERPRET"}
+
+
+def run_engine_script(source: str, model: Path, tmp_path: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run `source` (a script that starts an engine on `model`, its first argument) in a fresh process and
+    return the JSON it prints after ``RESULTS ``."""
+    script = tmp_path / "engine_script.py"
+    script.write_text(source)
+    done = subprocess.run(
+        [sys.executable, str(script), str(model)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULTS ")), None)
+    assert line is not None, done.stdout[-2000:] + done.stderr[-3000:]
+    return dict(json.loads(line.removeprefix("RESULTS ")))

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from helpers import assert_same_steps, reference_steps, serve
+from helpers import assert_same_steps, engine_env, reference_steps, run_engine_script, serve
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -636,12 +636,6 @@ def test_serve_refuses_defaults_a_request_could_not_send(tiny_llava, llava_profi
     assert needle in done.stderr, done.stderr[-2000:]
 
 
-def _engine_env(**variables: str) -> dict[str, str]:
-    """This process's environment with `variables`, without the Triton interpreter switch of the test
-    session (an engine must never inherit it)."""
-    return {k: v for k, v in {**os.environ, **variables}.items() if k != "TRITON_INTERPRET"}
-
-
 def _plain_launch(model: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -660,7 +654,7 @@ def _plain_launch(model: Path, env: dict[str, str], *args: str) -> subprocess.Co
         text=True,
         check=False,
         timeout=600,
-        env=_engine_env(**env),
+        env=engine_env(**env),
     )
 
 
@@ -709,21 +703,8 @@ if __name__ == "__main__":
 
 
 def test_offline_llm_applies_the_default_and_validation(tiny_llava, llava_profile, tmp_path):
-    script = tmp_path / "offline.py"
-    script.write_text(OFFLINE)
-    env = _engine_env(MODALITY_STEER_PROFILE=str(llava_profile), MODALITY_STEER_DEFAULT="text")
-    done = subprocess.run(
-        [sys.executable, str(script), str(tiny_llava)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULTS ")), None)
-    assert line is not None, done.stdout[-2000:] + done.stderr[-3000:]
-    results = json.loads(line.removeprefix("RESULTS "))
+    env = engine_env(MODALITY_STEER_PROFILE=str(llava_profile), MODALITY_STEER_DEFAULT="text")
+    results = run_engine_script(OFFLINE, tiny_llava, tmp_path, env)
     assert results["implicit"] == results["explicit"] and "steps" in results["implicit"]
     assert results["off"]["steps"] != results["implicit"]["steps"]  # the default really steers
     assert "modality_steer" in results["invalid"]["error"] and "unknown mode" in results["invalid"]["error"]
@@ -765,7 +746,7 @@ def test_run_batch_applies_the_enforcement_and_validation(tiny_llava, llava_prof
         + "\n"
     )
     results = tmp_path / "out.jsonl"
-    env = _engine_env(MODALITY_STEER_PROFILE=str(llava_profile), MODALITY_STEER_ENFORCE="text")
+    env = engine_env(MODALITY_STEER_PROFILE=str(llava_profile), MODALITY_STEER_ENFORCE="text")
     done = subprocess.run(
         [
             sys.executable,

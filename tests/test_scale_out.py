@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 from collections import Counter
@@ -18,7 +16,16 @@ from typing import Any
 
 import openai
 import pytest
-from helpers import SPECS, assert_same_steps, chat, reference_steps, serve, served_steps
+from helpers import (
+    SPECS,
+    assert_same_steps,
+    chat,
+    engine_env,
+    reference_steps,
+    run_engine_script,
+    serve,
+    served_steps,
+)
 
 from steer_server.hf.model import load_model
 from steer_server.profile import load_profile
@@ -172,30 +179,19 @@ def test_dummy_runs_scale_nothing_and_settings_reach_ray_workers(tiny_llava, lla
     ranks, warm-up, graph capture) must not apply them. The plugin also lists its settings among the
     variables vLLM's Ray executor copies to workers on every node (`vllm/ray/ray_env.py`; the CPU backend
     itself refuses the Ray executor: "current platform cpu does not support ray")."""
-    script = tmp_path / "in_process.py"
-    script.write_text(IN_PROCESS)
-    env = {
-        k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("MODALITY_STEER_")
+    inherited = {
+        k: v
+        for k, v in engine_env().items()
+        if not k.startswith("MODALITY_STEER_") and k != "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
     }
-    env.update(
-        MODALITY_STEER_PROFILE=str(llava_profile),
-        MODALITY_STEER_DEFAULT="image",
-        VLLM_ENABLE_V1_MULTIPROCESSING="0",
-        VLLM_ALLOW_INSECURE_SERIALIZATION="1",
-    )
-    env.pop("VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY", None)
-    done = subprocess.run(
-        [sys.executable, str(script), str(tiny_llava)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULTS ")), None)
-    assert line is not None, done.stdout[-2000:] + done.stderr[-3000:]
-    results = json.loads(line.removeprefix("RESULTS "))
+    env = {
+        **inherited,
+        "MODALITY_STEER_PROFILE": str(llava_profile),
+        "MODALITY_STEER_DEFAULT": "image",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    }
+    results = run_engine_script(IN_PROCESS, tiny_llava, tmp_path, env)
     assert results["dummy"]["before"] == {"active": True, "slot_map_nonzero": 1}  # the last steered step
     assert results["dummy"]["after"] == {"active": False, "slot_map_nonzero": 0}
     assert results["ray_copies"] == ["MODALITY_STEER_DEFAULT", "MODALITY_STEER_PROFILE"]

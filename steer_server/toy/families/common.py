@@ -3,6 +3,7 @@ tokenizer's vocabulary and special tokens."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -26,3 +27,11 @@ def language_model_fields(
         "pad_token_id": tokenizer.pad_token_id,
         "tie_word_embeddings": False,
     }
+
+
+def save(model: Any, processor: Any, out_dir: Path) -> Path:
+    """`save_pretrained` of the model and its processor (tokenizer, chat template) into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir

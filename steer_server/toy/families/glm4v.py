@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..tokenizer import CHAT_TEMPLATE, build_tokenizer
-from .common import language_model_fields
+from .common import language_model_fields, save
 
 GLM_SPECIAL = (
     "<|begin_of_image|>",
@@ -107,7 +107,4 @@ def build(
         video_processor=Glm4vVideoProcessor(size=size, **sizes),
         chat_template=GLM_CHAT_TEMPLATE,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return save(model, processor, out_dir)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..tokenizer import CHAT_TEMPLATE, build_tokenizer
-from .common import language_model_fields
+from .common import language_model_fields, save
 
 FAKE_IMAGE = "<fake_token_around_image>"
 GLOBAL_IMAGE = "<global-img>"
@@ -70,10 +70,7 @@ def build(
         image_seq_len=IMAGE_SEQ_LEN,
         chat_template=CHAT_TEMPLATE,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return save(model, processor, out_dir)
 
 
 def build_smolvlm(
@@ -112,10 +109,7 @@ def build_smolvlm(
         image_seq_len=IMAGE_SEQ_LEN,
         chat_template=CHAT_TEMPLATE,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return save(model, processor, out_dir)
 
 
 def _config_kwargs(

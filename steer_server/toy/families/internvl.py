@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..tokenizer import CHAT_TEMPLATE, build_tokenizer
-from .common import language_model_fields
+from .common import language_model_fields, save
 
 START_IMAGE = "<img>"
 END_IMAGE = "</img>"
@@ -96,7 +96,4 @@ def build(
         image_seq_length=IMAGE_SEQ_LENGTH,
         chat_template=INTERNVL_CHAT_TEMPLATE,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return save(model, processor, out_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..tokenizer import CHAT_TEMPLATE, build_tokenizer
-from .common import language_model_fields
+from .common import language_model_fields, save
 
 IMAGE = "<|image|>"
 PATCH = "<|patch|>"
@@ -114,7 +114,4 @@ def build(
         pixel_shuffle_ratio=PIXEL_SHUFFLE_RATIO,
         chat_template=LLAMA4_CHAT_TEMPLATE,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return save(model, processor, out_dir)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..tokenizer import CHAT_TEMPLATE, build_tokenizer
-from .common import language_model_fields
+from .common import language_model_fields, save
 
 IMAGE_TOKEN = "[IMG]"
 IMAGE_BREAK_TOKEN = "[IMG_BREAK]"
@@ -88,7 +88,4 @@ def build(
         image_break_token=IMAGE_BREAK_TOKEN,
         image_end_token=IMAGE_END_TOKEN,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return save(model, processor, out_dir)

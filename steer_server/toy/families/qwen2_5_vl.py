@@ -9,7 +9,7 @@ import torch
 
 from ..model import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL
 from ..tokenizer import build_tokenizer
-from .common import language_model_fields
+from .common import language_model_fields, save
 
 # Images are resized to exactly 56 x 56: 4 x 4 patches of 14, merged 2 x 2 into 4 image tokens.
 IMAGE_PIXELS = 56 * 56
@@ -88,7 +88,4 @@ def build(
         video_processor=Qwen2VLVideoProcessor(**sizes, temporal_patch_size=2),
         chat_template=QWEN_CHAT_TEMPLATE,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return save(model, processor, out_dir)

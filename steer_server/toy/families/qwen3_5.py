@@ -12,7 +12,7 @@ import torch
 
 from ..model import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL
 from ..tokenizer import SPECIAL_TOKENS, vocabulary
-from .common import language_model_fields
+from .common import language_model_fields, save
 
 # Images are resized to exactly 64 x 64: 4 x 4 patches of 16, merged 2 x 2 into 4 image tokens.
 IMAGE_PIXELS = 64 * 64
@@ -123,10 +123,7 @@ def build(
         video_processor=Qwen3VLVideoProcessor(**sizes),
         chat_template=QWEN_CHAT_TEMPLATE,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return save(model, processor, out_dir)
 
 
 def build_tokenizer() -> Any:

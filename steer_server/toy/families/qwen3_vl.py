@@ -11,7 +11,7 @@ import torch
 
 from ..model import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL
 from ..tokenizer import build_tokenizer
-from .common import language_model_fields
+from .common import language_model_fields, save
 
 VISION_DEPTH = 2
 PATCH_SIZE = 16
@@ -181,7 +181,4 @@ def _build(
         ),
         chat_template=QWEN_CHAT_TEMPLATE,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return save(model, processor, out_dir)
