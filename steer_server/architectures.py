@@ -29,6 +29,12 @@ class ArchitectureSpec:
         attention_layer_types: for hybrid models, the entries of the text config's `layer_types` whose
             layers have attention heads (the others, e.g. linear attention, have none and no
             `attention_path` module); None: every layer has attention.
+        pre_mlp_norm_path: from a decoder layer to the norm that reads the residual stream between the
+            token mixer (attention) and the MLP; its input is that residual (Llama-style layers call it
+            `post_attention_layernorm`; Gemma 3, whose `post_attention_layernorm` normalises the
+            attention output, `pre_feedforward_layernorm`).
+        final_norm_path: from the model object to the language model's final norm (its input is the last
+            residual stream, its output what the unembedding reads); default: beside the decoder layers.
     """
 
     layers_path: str
@@ -37,6 +43,13 @@ class ArchitectureSpec:
     text_config_attr: str = "text_config"
     image_token_attr: str = "image_token_id"
     attention_layer_types: tuple[str, ...] | None = None
+    pre_mlp_norm_path: str = "post_attention_layernorm"
+    final_norm_path: str | None = None
+
+    @property
+    def final_norm(self) -> str:
+        """The final norm's path from the model object."""
+        return self.final_norm_path or self.layers_path.rsplit(".", 1)[0] + ".norm"
 
 
 _LLAVA = ArchitectureSpec(layers_path="model.language_model.layers", image_token_attr="image_token_index")
@@ -56,7 +69,11 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "Qwen2_5_VLForConditionalGeneration": _LANGUAGE_MODEL,
     "Qwen3VLForConditionalGeneration": _LANGUAGE_MODEL,
     "Qwen3VLMoeForConditionalGeneration": _LANGUAGE_MODEL,
-    "Gemma3ForConditionalGeneration": _LANGUAGE_MODEL,
+    # Gemma 3 normalises each sublayer's output before adding it (`transformers.models.gemma3`,
+    # `Gemma3DecoderLayer.forward`).
+    "Gemma3ForConditionalGeneration": ArchitectureSpec(
+        layers_path="model.language_model.layers", pre_mlp_norm_path="pre_feedforward_layernorm"
+    ),
     "InternVLForConditionalGeneration": _LANGUAGE_MODEL,
     "Mistral3ForConditionalGeneration": _LANGUAGE_MODEL,
     "Qwen3_5ForConditionalGeneration": _QWEN3_5,
@@ -179,3 +196,46 @@ def o_proj_modules(model: Any) -> dict[int, Any]:
         layer: _attr_path(attention, spec.o_proj_path)
         for layer, attention in attention_modules(model).items()
     }
+
+
+@dataclass(frozen=True)
+class ResidualModules:
+    """The modules whose inputs are the language model's residual stream (the residual decomposition of
+    :mod:`steer_server.analysis.logit_lens`).
+
+    Attributes:
+        layers: decoder layer modules by index; a layer's input is the residual before it, its output
+            (first element when a tuple) the residual after it.
+        pre_mlp_norms: per layer, the norm whose input is the residual between the token mixer and the MLP.
+        final_norm: the norm whose input is the last residual stream.
+        unembedding: the output projection (`model.get_output_embeddings()`), [vocab, hidden] weight.
+    """
+
+    layers: dict[int, Any]
+    pre_mlp_norms: dict[int, Any]
+    final_norm: Any
+    unembedding: Any
+
+
+def residual_modules(model: Any) -> ResidualModules:
+    """:class:`ResidualModules` of a supported model.
+
+    Raises:
+        UnsupportedArchitectureError: unsupported architecture, or a layer without the table's pre-MLP norm.
+    """
+    _, spec = architecture_of(model.config)
+    layers = dict(enumerate(_attr_path(model, spec.layers_path)))
+    norms = {}
+    for index, layer in layers.items():
+        try:
+            norms[index] = _attr_path(layer, spec.pre_mlp_norm_path)
+        except AttributeError as exc:
+            raise UnsupportedArchitectureError(
+                f"decoder layer {index} has no {spec.pre_mlp_norm_path} (the pre-MLP norm)"
+            ) from exc
+    return ResidualModules(
+        layers=layers,
+        pre_mlp_norms=norms,
+        final_norm=_attr_path(model, spec.final_norm),
+        unembedding=model.get_output_embeddings(),
+    )

@@ -134,11 +134,23 @@ def analyze(
         Path,
         typer.Argument(help="A transformers checkpoint folder of a family in the support matrix (README)."),
     ],
-    data: Annotated[Path, typer.Option(help="JSONL conflict data (heads are selected on it).")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="JSONL conflict data: the selection split (heads and default gain are chosen on it)."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Profile JSON to write.")],
     eval_data: Annotated[
-        Path | None, typer.Option(help="Held-out JSONL for the validation (default: --data).")
+        Path | None,
+        typer.Option(
+            help="The report split: held-out JSONL for every reported figure, disjoint from --data "
+            "(default: --holdout of --data, held out before any choice)."
+        ),
     ] = None,
+    holdout: Annotated[
+        float, typer.Option(help="Without --eval-data: share of --data held out as the report split.")
+    ] = 0.5,
     top_frac: Annotated[float, typer.Option(help="Share of all heads to select per mode, in (0, 1].")] = 0.05,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 32,
@@ -146,7 +158,7 @@ def analyze(
     plots: Annotated[Path | None, typer.Option(help="Folder for the PNG plots.")] = None,
     knockout_samples: Annotated[int, typer.Option(help="Conflict samples for the attention knockout.")] = 128,
     random_draws: Annotated[int, typer.Option(help="Draws of random heads for the control.")] = 5,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seeds the random-head draws and the --holdout split.")] = 0,
 ) -> None:
     """Find the heads that arbitrate between image and text; validate them; write a profile."""
     from .analysis.config import AnalysisConfig, AnalysisError
@@ -166,6 +178,7 @@ def analyze(
         knockout_samples=knockout_samples,
         random_draws=random_draws,
         seed=seed,
+        holdout=holdout,
     )
     try:
         result = run_analysis(model_dir, data, config, eval_data=eval_data)
@@ -279,7 +292,7 @@ def eval_endpoint(
     import openai
 
     from .data.schema import DataError, load_samples
-    from .eval.endpoint import served_answers, served_report, steer_body
+    from .eval.endpoint import served_answers, served_report, steer_body, summary_line
 
     try:
         samples = load_samples(data)
@@ -295,6 +308,7 @@ def eval_endpoint(
     report["steer"] = steer
     text = json.dumps(report, indent=2)
     typer.echo(text)
+    typer.echo(summary_line(report), err=True)
     if json_out:
         json_out.write_text(text + "\n")
     if run.errors:

@@ -16,7 +16,7 @@ from steer_server.analysis.ablation import gain_table, spearman
 from steer_server.analysis.attribution import attribution
 from steer_server.analysis.config import AnalysisConfig, AnalysisError
 from steer_server.analysis.metric import Runner, score_logits
-from steer_server.analysis.pipeline import analyze
+from steer_server.analysis.pipeline import analyze, split_holdout
 from steer_server.architectures import (
     UnsupportedArchitectureError,
     attention_modules,
@@ -286,18 +286,24 @@ def test_analysis_end_to_end(tiny_model, small_data, tmp_path):
         assert len(raw["scores"]["attribution"][mode]) == geometry[0]
         validation = raw["validation"]["modes"][mode]
         for key in ("mf_ratio_baseline", "mf_ratio_block_top", "mf_ratio_block_random"):
-            assert 0.0 <= validation[key] <= 1.0
+            low, high = validation[key]["ci95"]
+            assert 0.0 <= low <= validation[key]["value"] <= high <= 1.0, validation[key]
+            assert validation[key]["n"] == validation["conflicts"]
         assert len(validation["mf_ratio_block_random_draws"]) == 2
         assert set(validation["gain_sweep"]) == {"1.5", "2.0", "3.0", "4.0", "6.0"}
     assert profile.default_gain in (1.5, 2.0, 3.0, 4.0, 6.0)
     assert raw["provenance"]["data_sha256"] == data_digest(small_data["train"])
+    assert_choices_never_saw_the_reported_split(raw, small_data["train"], small_data["test"])
+    lens = json.loads((tmp_path / "profile.logit_lens.json").read_text())
+    assert lens["num_layers"] == geometry[0] and lens["max_additivity_error"] < 1e-4
+    assert lens["conflicts"] == raw["provenance"]["splits"]["report"]["conflicts"]
     assert raw["model"]["fingerprint"].startswith("sha256:")
     flow = json.loads((tmp_path / "profile.knockout.json").read_text())
     assert set(flow["edges"]) >= {"image->instruction", "context->instruction", "instruction->last"}
     # Cutting any edge into the instruction in the last layer cannot reach the last position.
     for edge in ("image->instruction", "context->instruction"):
         assert flow["edges"][edge]["delta_metric"][-1] == pytest.approx(0.0, abs=1e-6)
-    for png in ("profile.heads.png", "profile.knockout.png"):
+    for png in ("profile.heads.png", "profile.knockout.png", "profile.logit_lens.png"):
         assert (plots / png).stat().st_size > 10_000
 
 
@@ -395,32 +401,173 @@ def test_cli_exit_code_and_nothing_written(small_data, tiny_llava, tmp_path):
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
 
 
-def test_shipped_profile_recovers_the_toys_arbitration_heads():
-    """The toy model's arbitration was trained into known heads per instruction (its recipe); the analysis
-    was not told which, and the shipped profile must name exactly those for each mode, with validation
-    figures that meet the analysis issue's targets."""
-    from steer_server.eval.demo import toy_profile_path
+def assert_choices_never_saw_the_reported_split(raw, selection_path, report_path):
+    """The profile's provenance names the split of every choice and every reported figure; they differ,
+    the files are the ones recorded (digests), and no sample id of the report split is in the selection
+    split. The default gain is the one the selection split's sweep picks."""
+    from steer_server.analysis.validation import MAX_BROKEN_SHARE
 
+    splits = raw["provenance"]["splits"]
+    assert splits["selection"]["sha256"] == data_digest(selection_path)
+    assert splits["report"]["sha256"] == data_digest(report_path)
+    assert any("default_gain" in use for use in splits["selection"]["used_for"])
+    assert any("heads" in use for use in splits["selection"]["used_for"])
+    assert set(splits["report"]["used_for"]) == {"validation", "knockout", "logit_lens"}
+    assert raw["validation"]["split"] == "report" and raw["selection"]["split"] == "selection"
+    selection_ids = {s.sample.id for s in load_samples(selection_path)}
+    report_ids = {s.sample.id for s in load_samples(report_path)}
+    assert not selection_ids & report_ids and splits["disjoint_sample_ids"] is True
+    # The default gain follows from the selection split's sweep (rescued most, broke at most 5%) ...
+    sweep = raw["selection"]["gain_sweep"]
+    allowed = [g for g in sweep if sweep[g]["broken_share"]["value"] <= MAX_BROKEN_SHARE] or list(sweep)
+    best = max(sweep[g]["rescued_share"]["value"] for g in allowed)
+    assert raw["default_gain"] == min(float(g) for g in allowed if sweep[g]["rescued_share"]["value"] == best)
+    # ... whose counts are the selection split's, not the report split's.
+    assert raw["selection"]["failed_at_baseline"] + raw["selection"]["correct_at_baseline"] == sum(
+        s.sample.kind == "conflict" for s in load_samples(selection_path)
+    )
+
+
+@pytest.mark.slow
+def test_analysis_recovers_the_toys_planted_circuit(tmp_path):
+    """The toy model's arbitration was trained into known heads per instruction (its recipe); the analysis,
+    rerun here on a CI-sized subset of the synthetic splits and not told which heads, must name exactly
+    those for each mode, with validation figures (on the other split) that meet the analysis targets."""
     recipe = json.loads((toy_model_dir() / "training.json").read_text())["recipe"]
-    profile = load_profile(toy_profile_path())
-    scores = profile.model_extra["scores"]
+    data = synth_dataset(tmp_path, 2000, seed=0)
+    subsets = {}
+    for name in ("validation", "test"):  # beside the full files, so image paths resolve
+        subsets[name] = tmp_path / f"{name}-120.jsonl"
+        subsets[name].write_text("".join(line + "\n" for line in data[name].read_text().splitlines()[:120]))
+    config = AnalysisConfig(random_draws=2, knockout_samples=8, progress=False)
+    result = analyze(toy_model_dir(), subsets["validation"], config, eval_data=subsets["test"])
+    profile = result.profile
     for mode in ("image", "text"):
         planted = {tuple(cell) for cell in recipe[f"{mode}_heads"]}
         # The cheap ranking puts exactly the planted heads first ...
-        attribution = torch.tensor(scores["attribution"][mode])
+        attribution = result.scores[mode]
         top = attribution.flatten().argsort(descending=True)[: len(planted)].tolist()
         assert {divmod(i, attribution.shape[1]) for i in top} == planted, mode
         # ... and exact ablation confirms them: all ablated, the strongest selected, at most one swapped
         # for a head upstream of them whose single ablation costs as much.
-        assert planted <= {(layer, head) for layer, head, _ in scores["exact_ablation"][mode]}, mode
+        exact = profile.model_extra["scores"]["exact_ablation"][mode]
+        assert planted <= {(layer, head) for layer, head, _ in exact}, mode
         selected = set(profile.heads(mode))
         assert len(selected & planted) >= len(planted) - 1, (mode, selected)
         assert profile.heads(mode)[0] in planted, mode
-    validation = profile.model_extra["validation"]
-    summary = validation["summary"]
-    assert summary["block_top_relative_drop"] >= 0.5, summary
-    assert summary["block_random_relative_drop"] <= 0.1, summary
-    assert summary["amplify_rescued_share"] >= 0.4, summary
-    assert summary["amplify_broken_share"] <= 0.05, summary
-    for mode in validation["modes"].values():
-        assert mode["control_accuracy_baseline"] - mode["control_accuracy_block_top"] <= 0.05, mode
+    summary = profile.model_extra["validation"]["summary"]
+    assert summary["block_top_relative_drop"]["ci95"][0] >= 0.5, summary
+    assert summary["block_random_relative_drop"]["value"] <= 0.1, summary
+    assert summary["amplify_broken_share"]["value"] <= 0.05, summary
+    raw = json.loads(profile.model_dump_json())
+    assert_choices_never_saw_the_reported_split(raw, subsets["validation"], subsets["test"])
+    assert result.logit_lens["max_additivity_error"] < 1e-4
+
+
+def test_shipped_profile_chose_nothing_on_its_reported_split(tmp_path):
+    """The shipped profile's provenance: heads and default gain from the synthetic validation split, every
+    figure from the test split (regenerated here, byte for byte the files recorded), disjoint; every
+    reported figure carries its 95% interval and sample count."""
+    from steer_server.eval.demo import toy_profile_path
+
+    raw = json.loads(toy_profile_path().read_text())
+    data = synth_dataset(tmp_path, 6000, seed=0)
+    assert_choices_never_saw_the_reported_split(raw, data["validation"], data["test"])
+    summary = raw["validation"]["summary"]
+    for key in (
+        "mf_ratio_baseline",
+        "mf_ratio_block_top",
+        "mf_ratio_block_random",
+        "block_top_relative_drop",
+        "block_random_relative_drop",
+        "amplify_rescued_share",
+        "amplify_broken_share",
+    ):
+        low, high = summary[key]["ci95"]
+        assert low <= summary[key]["value"] <= high and summary[key]["n"] > 0, key
+
+
+def test_holdout_split_is_disjoint_stratified_and_seeded(small_data):
+    samples = load_samples(small_data["test"])
+    selection, report = split_holdout(samples, 0.5, seed=3)
+    ids = ({s.sample.id for s in selection}, {s.sample.id for s in report})
+    assert not ids[0] & ids[1] and len(ids[0]) + len(ids[1]) == len(samples)
+    for kind in ("conflict", "control"):
+        for follow in ("image", "text"):
+            group = [s for s in samples if (s.sample.kind, s.sample.follow) == (kind, follow)]
+            held = [s for s in report if (s.sample.kind, s.sample.follow) == (kind, follow)]
+            assert len(held) == round(0.5 * len(group)), (kind, follow)
+    again = split_holdout(samples, 0.5, seed=3)[1]
+    assert [s.sample.id for s in again] == [s.sample.id for s in report]
+    assert [s.sample.id for s in split_holdout(samples, 0.5, seed=4)[1]] != [s.sample.id for s in report]
+
+
+def test_report_data_that_overlaps_the_selection_data_is_refused(tiny_llava, small_data):
+    with pytest.raises(AnalysisError, match=r"--eval-data shares \d+ sample id\(s\) with --data"):
+        analyze(tiny_llava, small_data["test"], AnalysisConfig(progress=False), eval_data=small_data["test"])
+
+
+def test_logit_lens_adds_up_and_matches_a_hand_computed_decomposition(tiny_model, small_data):
+    """Direct logit attribution at the last prompt position, fp32: the embedding and every layer's
+    attention and MLP contributions add up to the model's own logit difference (1e-4); and each one
+    equals the sublayer's output (captured at its own module) projected by hand through RMSNorm's
+    formula at the final residual's scale and the unembedding rows of the two answers."""
+    from steer_server.analysis.logit_lens import decompose
+    from steer_server.architectures import residual_modules
+
+    loaded = load_model(tiny_model)
+    conflicts = [s for s in load_samples(small_data["test"]) if s.sample.kind == "conflict"][:6]
+    runner = Runner(loaded, conflicts, 6)
+    batch = runner.batch(0)
+    found = decompose(loaded, batch, runner.tokens.instructed, runner.tokens.competing)
+    assert torch.allclose(found.total(), found.logit_diff, atol=1e-4), (found.total(), found.logit_diff)
+    assert found.logit_diff.abs().max() > 1e-3  # the test is not trivially about zeros
+
+    modules = residual_modules(loaded.model)
+    outputs: dict[tuple[str, int], torch.Tensor] = {}
+
+    def keeper(key):
+        def keep(module, args, output):
+            outputs[key] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return keep
+
+    handles = [
+        getattr(layer, name).register_forward_hook(keeper((name, index)))
+        for index, layer in modules.layers.items()
+        for name in ("self_attn", "mlp")
+    ]
+    handles.append(
+        modules.final_norm.register_forward_pre_hook(lambda m, args: outputs.update({("final", 0): args[0]}))
+    )
+    try:
+        with torch.inference_mode():
+            logits = loaded.model(**batch).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    last = batch["attention_mask"].sum(1) - 1
+    norm, weight = modules.final_norm, modules.unembedding.weight.detach()
+    gamma = norm.weight.detach()
+    for row in range(len(conflicts)):
+        inst, comp = runner.tokens.instructed[row], runner.tokens.competing[row]
+        direction = weight[inst].mean(0) - weight[comp].mean(0)
+        x_final = outputs[("final", 0)][row, last[row]]
+        scale = gamma / torch.sqrt(x_final.pow(2).mean() + norm.variance_epsilon)  # RMSNorm
+        d_model = logits[row, last[row], inst].mean() - logits[row, last[row], comp].mean()
+        assert float((direction * scale * x_final).sum()) == pytest.approx(float(d_model), abs=1e-4)
+        sublayers = torch.zeros_like(x_final)
+        for index in modules.layers:
+            attn = outputs[("self_attn", index)][row, last[row]]
+            mlp = outputs[("mlp", index)][row, last[row]]
+            sublayers += attn + mlp
+            assert float(found.attention[row, index]) == pytest.approx(
+                float((direction * scale * attn).sum()), abs=1e-4
+            )
+            assert float(found.mlp[row, index]) == pytest.approx(
+                float((direction * scale * mlp).sum()), abs=1e-4
+            )
+        embedding = x_final - sublayers
+        assert float(found.embed[row]) == pytest.approx(
+            float((direction * scale * embedding).sum()), abs=1e-4
+        )

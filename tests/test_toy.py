@@ -7,7 +7,7 @@ import json
 import pytest
 
 from steer_server.data.synth import SynthSpec, synth_records
-from steer_server.toy.card import _target_verdict, evaluate
+from steer_server.toy.card import MF_RANGE, MIN_CONTROL_ACCURACY, _target_verdict, evaluate, target_misses
 from steer_server.toy.model import ToyArchitecture, toy_model_dir
 from steer_server.toy.training import Recipe, _training_gains, example_for
 
@@ -35,6 +35,23 @@ def test_failures_are_arbitration_failures(toy_report):
     assert outcomes.get("other", 0) > 0
     assert outcomes.get("neither", 0) <= 0.03 * toy_report["conflicts"], toy_report
     assert outcomes.get("other", 0) > 3 * outcomes.get("neither", 0), toy_report
+
+
+def test_toy_meets_its_targets_measured_here(toy_report):
+    """Measured now (transformers, the held-out split), checked against the targets in code."""
+    for mode in ("image", "text"):
+        assert MF_RANGE[0] <= toy_report["mf_ratio_by_follow"][mode] <= MF_RANGE[1], toy_report
+    assert toy_report["control_accuracy"] >= MIN_CONTROL_ACCURACY, toy_report
+    assert toy_report["conflicts"] >= 400 and toy_report["controls"] >= 100
+    assert target_misses(toy_report) == []
+    interval = toy_report["intervals"]["mf_ratio"]
+    assert interval["ci95"][0] <= toy_report["mf_ratio"] <= interval["ci95"][1]
+
+
+def test_target_check_names_each_miss():
+    report = {"mf_ratio_by_follow": {"image": 0.5, "text": 0.9}, "control_accuracy": 0.9}
+    misses = target_misses(report)
+    assert len(misses) == 2 and '"rely on the image" 0.500 outside' in misses[0] and "control" in misses[1]
 
 
 def test_model_card_states_what_we_measure(toy_report):

@@ -26,7 +26,9 @@ class AnalysisConfig:
         candidate_factor: exact ablation of `candidate_factor` x the number selected, best attributed first.
         knockout_samples: conflict samples for the attention knockout.
         knockout_window: layers cut at once (default: max(1, layers // 8)).
-        seed: seeds the random draws.
+        seed: seeds the random draws and the held-out split.
+        holdout: without separate report data, the share of the data (per instruction and kind, seeded)
+            held out as the report split; the rest is the selection split.
         progress: show progress bars.
     """
 
@@ -40,6 +42,7 @@ class AnalysisConfig:
     knockout_samples: int = 128
     knockout_window: int | None = None
     seed: int = 0
+    holdout: float = 0.5
     progress: bool = True
 
     def check(self) -> None:
@@ -52,6 +55,8 @@ class AnalysisConfig:
             raise AnalysisError(f"--batch-size must be positive, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise AnalysisError(f"--limit must be positive, got {self.limit}")
+        if not 0 < self.holdout < 1:
+            raise AnalysisError(f"--holdout must lie in (0, 1), got {self.holdout}")
         if self.random_draws < 1:
             raise AnalysisError("at least one random draw is needed")
         if any(not math.isfinite(g) or g < 0 for g in self.gains):

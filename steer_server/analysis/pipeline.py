@@ -5,18 +5,24 @@ instruction mode (`follow=image`, `follow=text`):
 2. attribution of every head at once (:mod:`.attribution`): 1 forward + 1 backward per sample;
 3. exact ablation of the best candidates (at least 3x the number to select) picks the heads
    (:mod:`.ablation`); the Spearman correlation of the two rankings is reported;
-4. validation on the evaluation data (:mod:`.validation`);
-5. attention knockout between token groups (:mod:`.knockout`).
+4. the default gain, swept on the same (selection) split (:func:`.validation.choose_default_gain`);
+5. validation on the report split (:mod:`.validation`): `--eval-data`, or a seeded share of `--data`
+   held out before anything was chosen; no choice sees it, and the profile's provenance says which split
+   chose what and which figures come from where;
+6. attention knockout between token groups (:mod:`.knockout`) and the semantic-inertia decomposition
+   (:mod:`.logit_lens`), on the report split's conflicts.
 
-:func:`analyze` computes; :func:`write_outputs` writes the profile, the knockout JSON and the plots only
-once everything has finished.
+:func:`analyze` computes; :func:`write_outputs` writes the profile, the knockout and logit-lens JSON
+and the plots only once everything has finished.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,18 +39,23 @@ from .ablation import ModeResult, rank_mode
 from .attribution import attribution
 from .config import AnalysisConfig, AnalysisError
 from .knockout import knockout
+from .logit_lens import semantic_inertia
 from .metric import Runner
-from .plots import plot_heatmaps, plot_knockout
-from .validation import validate
+from .plots import plot_heatmaps, plot_knockout, plot_logit_lens
+from .validation import choose_default_gain, validate
+
+SELECTION_CHOICES = ("heads (attribution, exact ablation)", "default_gain (gain sweep)")
+REPORTED_FIGURES = ("validation", "knockout", "logit_lens")
 
 
 @dataclass
 class AnalysisResult:
-    """What :func:`analyze` found: the profile, the knockout curves, the [L, H] attribution per mode and
-    the run time (seconds)."""
+    """What :func:`analyze` found: the profile, the knockout curves, the semantic-inertia decomposition,
+    the [L, H] attribution per mode and the run time (seconds)."""
 
     profile: Profile
     knockout: dict[str, Any]
+    logit_lens: dict[str, Any]
     scores: dict[str, torch.Tensor]
     seconds: float
 
@@ -64,6 +75,46 @@ def _conflicts(samples: list[LoadedSample], path: Path) -> list[LoadedSample]:
     return conflicts
 
 
+def split_holdout(
+    samples: list[LoadedSample], share: float, seed: int
+) -> tuple[list[LoadedSample], list[LoadedSample]]:
+    """(selection, report): `share` of each (kind, instruction) group, drawn with `seed`, is held out as
+    the report split; both keep the file's order."""
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for index, loaded in enumerate(samples):
+        groups[(loaded.sample.kind, loaded.sample.follow)].append(index)
+    rng = random.Random(seed)
+    held: set[int] = set()
+    for key in sorted(groups):
+        members = groups[key]
+        held.update(rng.sample(members, round(share * len(members))))
+    return (
+        [s for i, s in enumerate(samples) if i not in held],
+        [s for i, s in enumerate(samples) if i in held],
+    )
+
+
+def _check_disjoint(selection: list[LoadedSample], report: list[LoadedSample]) -> None:
+    shared = {s.sample.id for s in selection} & {s.sample.id for s in report}
+    if shared:
+        raise AnalysisError(
+            f"--eval-data shares {len(shared)} sample id(s) with --data (e.g. {sorted(shared)[0]}): the report "
+            "split must hold samples that no choice saw"
+        )
+
+
+def _split_record(
+    samples: list[LoadedSample], data: str, sha256: str, used_for: tuple[str, ...]
+) -> dict[str, Any]:
+    return {
+        "data": data,
+        "sha256": sha256,
+        "samples": len(samples),
+        "conflicts": sum(s.sample.kind == "conflict" for s in samples),
+        "used_for": list(used_for),
+    }
+
+
 def _check_heads(model: Any, geometry: ModelGeometry) -> None:
     width = geometry.num_heads * geometry.head_dim
     for layer, module in o_proj_modules(model).items():
@@ -77,11 +128,13 @@ def _check_heads(model: Any, geometry: ModelGeometry) -> None:
 def analyze(
     model_dir: Path, data_path: Path, config: AnalysisConfig, *, eval_data: Path | None = None
 ) -> AnalysisResult:
-    """Run the whole analysis: heads are selected on `data_path`, validated on `eval_data` (default: the
-    same file). Nothing is written here (see :func:`write_outputs`).
+    """Run the whole analysis: heads and the default gain are chosen on `data_path` (the selection split),
+    every reported figure is measured on `eval_data` (the report split; default: `config.holdout` of
+    `data_path`, held out first). Nothing is written here (see :func:`write_outputs`).
 
     Raises:
-        AnalysisError: bad settings, or data without conflicts of both modes.
+        AnalysisError: bad settings, data without conflicts of both modes, or report data that shares
+            sample ids with the selection data.
         steer_server.data.schema.DataError: a data file that does not load.
         steer_server.architectures.UnsupportedArchitectureError: a model outside the table.
         steer_server.hf.model.ModelLoadError: a checkpoint that does not match its config.
@@ -89,7 +142,18 @@ def analyze(
     config.check()
     started = time.monotonic()
     samples = _load(data_path, config.limit)
+    if eval_data is not None:
+        report_samples = _load(eval_data, config.limit)
+        _check_disjoint(samples, report_samples)
+        report_name, report_sha = str(eval_data), data_digest(eval_data)
+    else:
+        samples, report_samples = split_holdout(samples, config.holdout, config.seed)
+        report_name = (
+            f"{data_path} (held out: {config.holdout:g} of each kind and instruction, seed {config.seed})"
+        )
+        report_sha = data_digest(data_path)
     conflicts = _conflicts(samples, data_path)
+    report_conflicts = _conflicts(report_samples, eval_data or data_path)
     loaded = load_model(model_dir, device=config.device)
     geometry = geometry_of(loaded.model.config)
     _check_heads(loaded.model, geometry)
@@ -109,28 +173,30 @@ def analyze(
         )
         for mode in MODES
     }
-    eval_samples = _load(eval_data, config.limit) if eval_data else samples
+    selected = {mode: results[mode].heads for mode in MODES}
+    default_gain, selection_sweep = choose_default_gain(runner, geometry, selected, config)
     validation = validate(
-        Runner(loaded, eval_samples, config.batch_size),
-        geometry,
-        {mode: results[mode].heads for mode in MODES},
-        config,
+        Runner(loaded, report_samples, config.batch_size), geometry, selected, default_gain, config
     )
     window = config.knockout_window or max(1, geometry.num_layers // 8)
     flow = knockout(
-        Runner(loaded, conflicts[: config.knockout_samples], config.batch_size),
+        Runner(loaded, report_conflicts[: config.knockout_samples], config.batch_size),
         geometry,
         window,
         config.progress,
     )
+    lens = semantic_inertia(Runner(loaded, report_conflicts, config.batch_size), config.progress)
     seconds = time.monotonic() - started
     provenance = {
         "tool": f"modality-steer {__version__}",
         "model_dir": str(model_dir),
         "data": str(data_path),
         "data_sha256": data_digest(data_path),
-        "eval_data": str(eval_data or data_path),
-        "eval_data_sha256": data_digest(eval_data or data_path),
+        "splits": {
+            "selection": _split_record(samples, str(data_path), data_digest(data_path), SELECTION_CHOICES),
+            "report": _split_record(report_samples, report_name, report_sha, REPORTED_FIGURES),
+            "disjoint_sample_ids": True,
+        },
         "conflict_samples": len(conflicts),
         "top_frac": config.top_frac,
         "heads_per_mode": k,
@@ -138,15 +204,19 @@ def analyze(
         "seconds": round(seconds, 1),
         "samples_per_second": round(len(conflicts) / seconds, 2),
     }
+    validation = {"split": "report", **validation}
+    selection = {"split": "selection", **selection_sweep}
     profile = build_profile(
         geometry.model_copy(update={"fingerprint": model_fingerprint(model_dir)}),
         results,
         validation,
         provenance,
+        selection,
     )
     return AnalysisResult(
         profile=profile,
         knockout=flow,
+        logit_lens=lens,
         scores={mode: results[mode].attribution for mode in MODES},
         seconds=seconds,
     )
@@ -157,9 +227,11 @@ def build_profile(
     results: dict[str, ModeResult],
     validation: dict[str, Any],
     provenance: dict[str, Any],
+    selection: dict[str, Any],
 ) -> Profile:
-    """The profile of an analysis: selected heads with their measured drop, all scores, the validation
-    and where everything came from.
+    """The profile of an analysis: selected heads with their measured drop, all scores, the choice of
+    the default gain (`selection`, on the selection split), the validation (on the report split) and
+    where everything came from.
 
     Raises:
         pydantic.ValidationError: the result does not make a valid profile.
@@ -190,6 +262,7 @@ def build_profile(
                 "(gradient x activation; null on layers without attention heads); exact_ablation and "
                 "heads[].score: the measured mean drop",
             },
+            "selection": selection,
             "validation": validation,
             "provenance": provenance,
         }
@@ -202,18 +275,22 @@ def _json_table(table: torch.Tensor) -> list[list[float | None]]:
 
 
 def write_outputs(result: AnalysisResult, out: Path, plots: Path | None) -> list[Path]:
-    """Write the plots (when `plots` is a folder), the knockout JSON beside the profile, and the profile
-    (atomically, last); returns the paths written."""
+    """Write the plots (when `plots` is a folder), the knockout and logit-lens JSON beside the profile,
+    and the profile (atomically, last); returns the paths written."""
     written = []
-    flow_path = out.with_name(out.stem + ".knockout.json")
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
         heatmap, curves = plots / f"{out.stem}.heads.png", plots / f"{out.stem}.knockout.png"
+        lens_plot = plots / f"{out.stem}.logit_lens.png"
         plot_heatmaps(result.profile, result.scores, heatmap)
         plot_knockout(result.knockout, curves)
-        written += [heatmap, curves]
-    tmp = flow_path.with_suffix(".partial")
-    tmp.write_text(json.dumps(result.knockout, indent=2) + "\n")
-    tmp.replace(flow_path)
+        plot_logit_lens(result.logit_lens, lens_plot)
+        written += [heatmap, curves, lens_plot]
+    for suffix, payload in ((".knockout.json", result.knockout), (".logit_lens.json", result.logit_lens)):
+        path = out.with_name(out.stem + suffix)
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        tmp.replace(path)
+        written.append(path)
     save_profile(result.profile, out)
-    return [out, flow_path, *written]
+    return [out, *written]

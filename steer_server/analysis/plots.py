@@ -67,3 +67,44 @@ def plot_knockout(flow: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"Attention knockout between token groups ({flow['samples']} conflict samples)")
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def _band(
+    axis: Any, xs: list[int], estimates: list[dict[str, Any]], style: str, color: str, label: str
+) -> None:
+    values = [e["value"] for e in estimates]
+    low = [e["ci95"][0] if e["ci95"][0] is not None else e["value"] for e in estimates]
+    high = [e["ci95"][1] if e["ci95"][1] is not None else e["value"] for e in estimates]
+    axis.plot(xs, values, style, color=color, marker="o", markersize=3, label=label)
+    axis.fill_between(xs, low, high, color=color, alpha=0.18, linewidth=0)
+
+
+def plot_logit_lens(lens: dict[str, Any], path: Path) -> None:
+    """Semantic inertia (:mod:`.logit_lens`): left, each layer's attention and MLP contribution to the
+    logit difference, for failed and followed conflicts; right, the logit lens (the difference read off
+    the residual after each layer). Bands: 95% bootstrap intervals of the means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    layers = list(range(lens["num_layers"]))
+    colors = {"failed": "tab:red", "followed": "tab:blue"}
+    for group, data in lens["groups"].items():
+        if not data["samples"]:
+            continue
+        label = f"{group} (n={data['samples']})"
+        _band(axes[0], layers, data["attention"], "-", colors[group], f"attention, {label}")
+        _band(axes[0], layers, data["mlp"], "--", colors[group], f"MLP, {label}")
+        _band(axes[1], [*layers, lens["num_layers"]], data["lens"], "-", colors[group], label)
+    for axis in axes:
+        axis.axhline(0, color="grey", linewidth=0.8)
+        axis.legend(fontsize=8)
+    axes[0].set_xlabel("layer")
+    axes[0].set_ylabel("direct contribution to logit(instructed) - logit(competing)")
+    axes[1].set_xlabel("layers applied (logit lens)")
+    axes[1].set_ylabel("logit(instructed) - logit(competing)")
+    fig.suptitle(f"Semantic inertia: where the answer is decided ({lens['conflicts']} conflict samples)")
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -1,6 +1,13 @@
-"""Validation of the selected heads on held-out samples: blocking them vs as many random unselected
-heads, a gain sweep on the failures, and control accuracy (the paper's head interventions,
-arXiv 2602.03677 §4)."""
+"""Validation of the selected heads (the paper's head interventions, arXiv 2602.03677 §4), with the
+choices and the reported figures on different samples:
+
+- :func:`choose_default_gain` sweeps the amplification gains on the *selection* split (the data the heads
+  were chosen on) and picks `default_gain`;
+- :func:`validate` measures everything reported on the *report* split, which no choice saw: the MF ratio
+  at baseline, with the selected heads blocked and with as many random unselected heads blocked, the
+  gain sweep and the default gain's rescued and broken shares on the baseline failures and successes,
+  and control accuracy; every figure with its 95% interval (:mod:`steer_server.stats`) and sample count.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +15,18 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from ..data.scoring import mf_ratio
+import torch
+
+from ..data.scoring import mf_ratio_estimate, mf_relative_drop
 from ..geometry import ModelGeometry
 from ..profile import MODES
+from ..stats import proportion
 from .ablation import gain_table
 from .config import AnalysisConfig, AnalysisError
 from .metric import Runner
 
 # Amplification may break at most this share of correctly answered samples at the default gain.
 MAX_BROKEN_SHARE = 0.05
-
-
-def _share(hits: int, total: int) -> float | None:
-    return hits / total if total else None
 
 
 @dataclass
@@ -36,11 +42,21 @@ class _SweepCounts:
         self.broken += other.broken
         self.correct += other.correct
 
-    def shares(self) -> dict[str, float | None]:
+    def estimates(self) -> dict[str, Any]:
         return {
-            "rescued_share": _share(self.rescued, self.failed),
-            "broken_share": _share(self.broken, self.correct),
+            "rescued_share": proportion(self.rescued, self.failed).as_dict(),
+            "broken_share": proportion(self.broken, self.correct).as_dict(),
         }
+
+
+@dataclass
+class _Outcomes:
+    """Per conflict of one mode, in sample order: success at baseline, with the selected heads blocked,
+    with each random draw blocked."""
+
+    base: list[bool]
+    block_top: list[bool]
+    block_random: list[list[bool]]
 
 
 class _Validator:
@@ -49,17 +65,58 @@ class _Validator:
         self.geometry = geometry
         self.config = config
 
-    def mf(self, heads: list[tuple[int, int]], gain: float, indices: list[int]) -> float:
-        """Share of `indices` that succeed with `heads` at `gain`."""
-        follows = self.runner.score(gain_table(self.geometry, heads, gain), indices=indices).follows
-        return float(follows.float().mean())
+    def indices(self, kind: str, mode: str) -> list[int]:
+        return [
+            i for i, s in enumerate(self.runner.samples) if s.sample.kind == kind and s.sample.follow == mode
+        ]
 
-    def random_control(
-        self, pool: list[tuple[int, int]], count: int, conflict: list[int], rng: random.Random, mode: str
-    ) -> tuple[list[float], list[list[list[int]]]]:
+    def follows(self, heads: list[tuple[int, int]], gain: float, indices: list[int]) -> list[bool]:
+        """Success of each of `indices` with `heads` at `gain` (no heads: unsteered)."""
+        table: torch.Tensor | None = gain_table(self.geometry, heads, gain) if heads else None
+        return [bool(x) for x in self.runner.score(table, indices=indices).follows.tolist()]
+
+    def sweep(
+        self,
+        heads: list[tuple[int, int]],
+        failed: list[int],
+        correct: list[int],
+        mode: str,
+        gains: tuple[float, ...],
+    ) -> dict[float, _SweepCounts]:
+        """Per gain: failures rescued and successes broken by amplifying `heads`."""
         from tqdm import tqdm
 
-        ratios, drawn_heads = [], []
+        counts = {}
+        for gain in tqdm(gains, desc=f"gain sweep ({mode})", disable=not self.config.progress, unit="gain"):
+            rescued = sum(self.follows(heads, gain, failed)) if failed else 0
+            broken = len(correct) - sum(self.follows(heads, gain, correct)) if correct else 0
+            counts[gain] = _SweepCounts(rescued, len(failed), broken, len(correct))
+        return counts
+
+    def pooled_sweep(
+        self, selected: dict[str, list[tuple[int, int]]]
+    ) -> tuple[dict[str, dict[float, _SweepCounts]], dict[float, _SweepCounts]]:
+        """The sweep of both modes (each mode's own heads on its own conflicts), per mode and pooled."""
+        pooled = {gain: _SweepCounts() for gain in self.config.gains}
+        per_mode = {}
+        for mode in MODES:
+            conflict = self.indices("conflict", mode)
+            if not conflict:
+                raise AnalysisError(f"no conflict samples with follow={mode}")
+            base = self.follows([], 1.0, conflict)
+            failed = [i for i, ok in zip(conflict, base, strict=True) if not ok]
+            correct = [i for i, ok in zip(conflict, base, strict=True) if ok]
+            per_mode[mode] = self.sweep(selected[mode], failed, correct, mode, self.config.gains)
+            for gain, count in per_mode[mode].items():
+                pooled[gain].add(count)
+        return per_mode, pooled
+
+    def random_draws(
+        self, pool: list[tuple[int, int]], count: int, conflict: list[int], rng: random.Random, mode: str
+    ) -> tuple[list[list[bool]], list[list[list[int]]]]:
+        from tqdm import tqdm
+
+        outcomes, drawn_heads = [], []
         for _ in tqdm(
             range(self.config.random_draws),
             desc=f"random heads ({mode})",
@@ -68,62 +125,84 @@ class _Validator:
         ):
             drawn = rng.sample(pool, count)
             drawn_heads.append([[layer, head] for layer, head in drawn])
-            ratios.append(self.mf(drawn, 0.0, conflict))
-        return ratios, drawn_heads
-
-    def sweep(
-        self, heads: list[tuple[int, int]], failed: list[int], correct: list[int], mode: str
-    ) -> dict[float, _SweepCounts]:
-        from tqdm import tqdm
-
-        counts = {}
-        for gain in tqdm(
-            self.config.gains, desc=f"gain sweep ({mode})", disable=not self.config.progress, unit="gain"
-        ):
-            table = gain_table(self.geometry, heads, gain)
-            rescued = int(self.runner.score(table, indices=failed).follows.sum()) if failed else 0
-            broken = int((~self.runner.score(table, indices=correct).follows).sum()) if correct else 0
-            counts[gain] = _SweepCounts(rescued, len(failed), broken, len(correct))
-        return counts
+            outcomes.append(self.follows(drawn, 0.0, conflict))
+        return outcomes, drawn_heads
 
     def mode(
-        self, mode: str, heads: list[tuple[int, int]], pool: list[tuple[int, int]], rng: random.Random
-    ) -> tuple[dict[str, Any], dict[float, _SweepCounts]]:
-        samples = self.runner.samples
-        conflict = [
-            i for i, s in enumerate(samples) if s.sample.kind == "conflict" and s.sample.follow == mode
-        ]
-        control = [i for i, s in enumerate(samples) if s.sample.kind == "control" and s.sample.follow == mode]
+        self,
+        mode: str,
+        heads: list[tuple[int, int]],
+        pool: list[tuple[int, int]],
+        rng: random.Random,
+        default_gain: float,
+    ) -> tuple[dict[str, Any], _Outcomes, dict[float, _SweepCounts]]:
+        conflict = self.indices("conflict", mode)
+        control = self.indices("control", mode)
         if not conflict:
             raise AnalysisError(f"no conflict samples with follow={mode} to validate on")
-        base = self.runner.score(indices=conflict).follows.tolist()
-        random_ratios, random_heads = self.random_control(pool, len(heads), conflict, rng, mode)
+        base = self.follows([], 1.0, conflict)
+        block_top = self.follows(heads, 0.0, conflict)
+        random_outcomes, random_heads = self.random_draws(pool, len(heads), conflict, rng, mode)
         failed = [i for i, ok in zip(conflict, base, strict=True) if not ok]
         correct = [i for i, ok in zip(conflict, base, strict=True) if ok]
-        counts = self.sweep(heads, failed, correct, mode)
+        gains = tuple(dict.fromkeys((*self.config.gains, default_gain)))
+        counts = self.sweep(heads, failed, correct, mode, gains)
+
+        def share(hits: list[bool]) -> dict[str, Any]:
+            return proportion(sum(hits), len(hits)).as_dict()
+
+        draws = [sum(o) / len(o) for o in random_outcomes]
         report = {
             "conflicts": len(conflict),
             "controls": len(control),
-            "mf_ratio_baseline": sum(base) / len(base),
-            "mf_ratio_block_top": self.mf(heads, 0.0, conflict),
-            "mf_ratio_block_random": sum(random_ratios) / len(random_ratios),
-            "mf_ratio_block_random_draws": random_ratios,
+            "failed_at_baseline": len(failed),
+            "mf_ratio_baseline": share(base),
+            "mf_ratio_block_top": share(block_top),
+            "mf_ratio_block_random": mf_ratio_estimate([mode] * len(conflict), *random_outcomes).as_dict(),
+            "mf_ratio_block_random_draws": draws,
             "block_random_heads": random_heads,
-            "gain_sweep": {str(gain): c.shares() for gain, c in counts.items()},
-            "control_accuracy_baseline": self.mf([], 1.0, control) if control else None,
-            "control_accuracy_block_top": self.mf(heads, 0.0, control) if control else None,
+            "gain_sweep": {str(gain): counts[gain].estimates() for gain in self.config.gains},
+            "amplify_rescued_share": counts[default_gain].estimates()["rescued_share"],
+            "amplify_broken_share": counts[default_gain].estimates()["broken_share"],
+            "control_accuracy_baseline": share(self.follows([], 1.0, control)) if control else None,
+            "control_accuracy_block_top": share(self.follows(heads, 0.0, control)) if control else None,
         }
-        return report, counts
+        return report, _Outcomes(base, block_top, random_outcomes), counts
+
+
+def choose_default_gain(
+    runner: Runner,
+    geometry: ModelGeometry,
+    selected: dict[str, list[tuple[int, int]]],
+    config: AnalysisConfig,
+) -> tuple[float, dict[str, Any]]:
+    """Sweep the config's gains on the selection split (`runner`: the samples the heads were chosen on)
+    and pick the default gain (:func:`choose_gain` on the pooled sweep); returns it and the sweep (shares
+    with their intervals, and the sample counts).
+
+    Raises:
+        AnalysisError: a mode has no conflict sample.
+    """
+    _, pooled = _Validator(runner, geometry, config).pooled_sweep(selected)
+    gain = choose_gain({str(g): c for g, c in pooled.items()})
+    return gain, {
+        "gain_sweep": {str(g): c.estimates() for g, c in pooled.items()},
+        "failed_at_baseline": pooled[config.gains[0]].failed,
+        "correct_at_baseline": pooled[config.gains[0]].correct,
+        "default_gain": gain,
+    }
 
 
 def validate(
     runner: Runner,
     geometry: ModelGeometry,
     selected: dict[str, list[tuple[int, int]]],
+    default_gain: float,
     config: AnalysisConfig,
 ) -> dict[str, Any]:
-    """The profile's evidence, per mode and summarised (MF ratios as :func:`~steer_server.data.scoring.mf_ratio`
-    aggregates them), with the default gain :func:`choose_gain` picks from the pooled sweep.
+    """The profile's evidence on the report split (`runner`), per mode and summarised, at the
+    `default_gain` chosen elsewhere: figures as :meth:`steer_server.stats.Estimate.as_dict` (value, 95%
+    interval, n, method); MF ratios as :func:`~steer_server.data.scoring.mf_ratio` aggregates them.
 
     Raises:
         AnalysisError: a mode has no conflict sample to validate on.
@@ -133,42 +212,47 @@ def validate(
     pool = [lh for lh in geometry.heads() if lh not in excluded]
     validator = _Validator(runner, geometry, config)
     modes: dict[str, Any] = {}
-    pooled = {gain: _SweepCounts() for gain in config.gains}
+    outcomes: dict[str, _Outcomes] = {}
+    pooled = {gain: _SweepCounts() for gain in dict.fromkeys((*config.gains, default_gain))}
     for mode in MODES:
-        modes[mode], counts = validator.mode(mode, selected[mode], pool, rng)
+        modes[mode], outcomes[mode], counts = validator.mode(mode, selected[mode], pool, rng, default_gain)
         for gain, count in counts.items():
             pooled[gain].add(count)
-    sweep = {str(gain): count.shares() for gain, count in pooled.items()}
-    default_gain = choose_gain(sweep)
+    follow = [mode for mode in MODES for _ in outcomes[mode].base]
+    base = [hit for mode in MODES for hit in outcomes[mode].base]
+    block_top = [hit for mode in MODES for hit in outcomes[mode].block_top]
+    draws = [
+        [hit for mode in MODES for hit in outcomes[mode].block_random[draw]]
+        for draw in range(config.random_draws)
+    ]
 
-    def aggregate(key: str) -> float:
-        value = mf_ratio({mode: modes[mode][key] for mode in MODES})
-        assert value is not None
-        return value
+    def mf(hits: list[bool]) -> dict[str, Any]:
+        return mf_ratio_estimate(follow, hits).as_dict()
 
-    baseline, block_top, block_random = (
-        aggregate(key) for key in ("mf_ratio_baseline", "mf_ratio_block_top", "mf_ratio_block_random")
-    )
     summary = {
-        "mf_ratio_baseline": baseline,
-        "mf_ratio_block_top": block_top,
-        "mf_ratio_block_random": block_random,
-        "block_top_relative_drop": (baseline - block_top) / baseline if baseline else None,
-        "block_random_relative_drop": (baseline - block_random) / baseline if baseline else None,
-        "gain_sweep": sweep,
-        "amplify_rescued_share": sweep[str(default_gain)]["rescued_share"],
-        "amplify_broken_share": sweep[str(default_gain)]["broken_share"],
+        "conflicts": len(base),
+        "failed_at_baseline": pooled[default_gain].failed,
+        "correct_at_baseline": pooled[default_gain].correct,
+        "mf_ratio_baseline": mf(base),
+        "mf_ratio_block_top": mf(block_top),
+        "mf_ratio_block_random": mf_ratio_estimate(follow, *draws).as_dict(),
+        "block_top_relative_drop": mf_relative_drop(follow, base, [block_top]).as_dict(),
+        "block_random_relative_drop": mf_relative_drop(follow, base, draws).as_dict(),
+        "gain_sweep": {str(gain): pooled[gain].estimates() for gain in config.gains},
+        "amplify_rescued_share": pooled[default_gain].estimates()["rescued_share"],
+        "amplify_broken_share": pooled[default_gain].estimates()["broken_share"],
     }
     return {"modes": modes, "gains": list(config.gains), "summary": summary, "default_gain": default_gain}
 
 
-def choose_gain(sweep: dict[str, dict[str, float | None]]) -> float:
+def choose_gain(sweep: dict[str, _SweepCounts]) -> float:
     """The gain that rescues most failures while breaking at most 5% of correct samples (else the best
     rescued-minus-broken); ties go to the smaller gain."""
 
     def value(key: str) -> tuple[float, float, float]:
-        rescued = sweep[key]["rescued_share"] or 0.0
-        broken = sweep[key]["broken_share"] or 0.0
+        counts = sweep[key]
+        rescued = counts.rescued / counts.failed if counts.failed else 0.0
+        broken = counts.broken / counts.correct if counts.correct else 0.0
         return (
             1.0 if broken <= MAX_BROKEN_SHARE else 0.0,
             rescued - (0 if broken <= MAX_BROKEN_SHARE else broken),

@@ -10,11 +10,15 @@ weak following of the other.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
+from ..stats import Estimate, bootstrap, proportion
 from .normalize import answer_matches
 from .schema import Sample
 
@@ -64,10 +68,58 @@ def mf_ratio_of(samples: Sequence[Sample], follows: Sequence[bool]) -> float | N
     return mf_ratio({f: _ratio(hits[f], totals[f]) for f in totals})
 
 
+def _mf_of_arrays(is_image: np.ndarray, hits: np.ndarray) -> float:
+    by_follow = [float(hits[mask].mean()) for mask in (is_image == 1, is_image == 0) if mask.any()]
+    return sum(by_follow) / len(by_follow) if by_follow else math.nan
+
+
+def mf_ratio_estimate(follow: Sequence[str], *arms: Sequence[bool]) -> Estimate:
+    """The MF ratio (:func:`mf_ratio`) of conflicts given each one's instruction (`"image"`/`"text"`) and
+    success, with its 95% interval. Several arms (the same conflicts under several interventions, e.g.
+    random-head draws): the mean of their MF ratios, with a paired bootstrap over the conflicts.
+    One arm of one instruction: that share, with its exact binomial interval; else a bootstrap over the
+    conflicts (:func:`steer_server.stats.bootstrap`).
+
+    Raises:
+        ValueError: no arm, or an arm of another length than `follow`.
+    """
+    if not arms or any(len(arm) != len(follow) for arm in arms):
+        raise ValueError("every arm needs one outcome per conflict")
+    if len(arms) == 1 and len(set(follow)) == 1:
+        return proportion(sum(map(bool, arms[0])), len(follow))
+    is_image = [1.0 if f == "image" else 0.0 for f in follow]
+
+    def mean_mf(flags: np.ndarray, *hits: np.ndarray) -> float:
+        return sum(_mf_of_arrays(flags, h) for h in hits) / len(hits)
+
+    return bootstrap(mean_mf, [is_image, *[[float(h) for h in arm] for arm in arms]])
+
+
+def mf_relative_drop(follow: Sequence[str], base: Sequence[bool], arms: Sequence[Sequence[bool]]) -> Estimate:
+    """``(MF(base) - mean over arms of MF(arm)) / MF(base)``: the relative drop of the MF ratio under an
+    intervention (several arms: e.g. random-head draws, averaged), measured on the same conflicts, with a
+    paired 95% bootstrap interval over the conflicts.
+
+    Raises:
+        ValueError: arms of another length than `base`.
+    """
+    if any(len(arm) != len(base) for arm in arms) or not arms:
+        raise ValueError("every arm needs one outcome per conflict of the baseline")
+    is_image = [1.0 if f == "image" else 0.0 for f in follow]
+
+    def drop(flags: np.ndarray, base_hits: np.ndarray, *arm_hits: np.ndarray) -> float:
+        before = _mf_of_arrays(flags, base_hits)
+        after = sum(_mf_of_arrays(flags, hits) for hits in arm_hits) / len(arm_hits)
+        return (before - after) / before if before else math.nan
+
+    return bootstrap(drop, [is_image, [float(h) for h in base], *[[float(h) for h in arm] for arm in arms]])
+
+
 @dataclass
 class MFReport:
     """MF ratio (:func:`mf_ratio`) and per instruction and task, control accuracy (shares in [0, 1]; None
-    where there is no sample), and counts of each :data:`Outcome` over the conflicts."""
+    where there is no sample), counts of each :data:`Outcome` over the conflicts, and the 95% intervals of
+    the MF ratio, of each instruction's and of the control accuracy (`intervals`, by the same keys)."""
 
     mf_ratio: float | None
     mf_ratio_by_follow: dict[str, float | None]
@@ -76,9 +128,16 @@ class MFReport:
     conflicts: int
     controls: int
     outcomes: dict[str, int] = field(default_factory=dict)
+    intervals: dict[str, Estimate | dict[str, Estimate]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
-        """JSON-ready form (the keys of the dataclass)."""
+        """JSON-ready form (the keys of the dataclass; intervals as :meth:`Estimate.as_dict`)."""
+        intervals = {
+            key: value.as_dict()
+            if isinstance(value, Estimate)
+            else {k: v.as_dict() for k, v in value.items()}
+            for key, value in self.intervals.items()
+        }
         return {
             "mf_ratio": self.mf_ratio,
             "mf_ratio_by_follow": self.mf_ratio_by_follow,
@@ -87,6 +146,7 @@ class MFReport:
             "conflicts": self.conflicts,
             "controls": self.controls,
             "outcomes": self.outcomes,
+            "intervals": intervals,
         }
 
 
@@ -105,6 +165,8 @@ def mf_report(samples: Sequence[Sample], answers: Sequence[str]) -> MFReport:
     task_hits: Counter[str] = Counter()
     task_total: Counter[str] = Counter()
     control_hits = control_total = 0
+    conflict_follow: list[str] = []
+    conflict_hits: list[bool] = []
     for sample, answer in zip(samples, answers, strict=True):
         if sample.kind == "control":
             control_total += 1
@@ -112,6 +174,8 @@ def mf_report(samples: Sequence[Sample], answers: Sequence[str]) -> MFReport:
             continue
         outcomes[judge(sample, answer)] += 1
         hit = is_success(sample, answer)
+        conflict_follow.append(sample.follow)
+        conflict_hits.append(hit)
         follow_total[sample.follow] += 1
         follow_hits[sample.follow] += hit
         task = sample.task or "(none)"
@@ -126,6 +190,13 @@ def mf_report(samples: Sequence[Sample], answers: Sequence[str]) -> MFReport:
         conflicts=sum(follow_total.values()),
         controls=control_total,
         outcomes=dict(outcomes),
+        intervals={
+            "mf_ratio": mf_ratio_estimate(conflict_follow, conflict_hits),
+            "mf_ratio_by_follow": {
+                f: proportion(follow_hits[f], follow_total[f]) for f in sorted(follow_total)
+            },
+            "control_accuracy": proportion(control_hits, control_total),
+        },
     )
 
 

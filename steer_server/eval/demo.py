@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ..data.schema import LoadedSample, Sample, load_samples
-from ..data.scoring import is_success, mf_ratio_of
+from ..data.scoring import is_success, mf_ratio_estimate, mf_relative_drop
 from ..profile import MODES, Profile, load_profile
 from ..serving.launcher import VllmServer
+from ..stats import Estimate, proportion
 from ..toy.card import EVAL_N, EVAL_SEED, held_out_test_split
 from ..toy.model import toy_model_dir
 from .endpoint import ExtraBody, served_answers
@@ -41,11 +42,8 @@ def _follows(samples: Sequence[LoadedSample], answers: dict[str, str]) -> dict[s
     return {s.sample.id: is_success(s.sample, answers[s.sample.id]) for s in samples}
 
 
-def _mf(samples: Sequence[LoadedSample], hits: dict[str, bool]) -> float:
-    ratio = mf_ratio_of([s.sample for s in samples], [hits[s.sample.id] for s in samples])
-    if ratio is None:
-        raise RuntimeError("the demo's data has no conflict samples")
-    return ratio
+def _hits(samples: Sequence[LoadedSample], follows: dict[str, bool]) -> list[bool]:
+    return [follows[s.sample.id] for s in samples]
 
 
 class _Arms:
@@ -108,15 +106,11 @@ def measure(
 
     baseline = _follows(conflicts, arms.run(conflicts, None, "baseline"))
     block_top = _follows(conflicts, arms.run(conflicts, _own_heads(0.0), "block top"))
-    random_ratios = []
+    random_hits = []
     for draw in range(len(draws[0])):
         heads = {mode: draws[index][draw] for index, mode in enumerate(MODES)}
-        random_ratios.append(
-            _mf(
-                conflicts,
-                _follows(conflicts, arms.run(conflicts, _raw_heads(heads), f"block random {draw + 1}")),
-            )
-        )
+        answers = arms.run(conflicts, _raw_heads(heads), f"block random {draw + 1}")
+        random_hits.append(_hits(conflicts, _follows(conflicts, answers)))
     failed = [s for s in conflicts if not baseline[s.sample.id]]
     correct = [s for s in conflicts if baseline[s.sample.id]]
     amplify_failed = _follows(failed, arms.run(failed, _own_heads(profile.default_gain), "amplify (failed)"))
@@ -126,20 +120,29 @@ def measure(
     control_base = _follows(controls, arms.run(controls, None, "controls"))
     control_block = _follows(controls, arms.run(controls, _own_heads(0.0), "controls, block top"))
 
-    def share(hits: dict[str, bool]) -> float | None:
-        return sum(hits.values()) / len(hits) if hits else None
+    follow = [s.sample.follow for s in conflicts]
+    base_hits, top_hits = _hits(conflicts, baseline), _hits(conflicts, block_top)
+
+    def share(hits: dict[str, bool]) -> dict[str, Any]:
+        return proportion(sum(hits.values()), len(hits)).as_dict()
 
     return {
-        "baseline": {"mf_ratio": _mf(conflicts, baseline)},
-        "block_top": {"mf_ratio": _mf(conflicts, block_top)},
-        "block_random": {"mf_ratio": sum(random_ratios) / len(random_ratios), "draws": random_ratios},
+        "baseline": {"mf_ratio": mf_ratio_estimate(follow, base_hits).as_dict()},
+        "block_top": {
+            "mf_ratio": mf_ratio_estimate(follow, top_hits).as_dict(),
+            "relative_drop": mf_relative_drop(follow, base_hits, [top_hits]).as_dict(),
+        },
+        "block_random": {
+            "mf_ratio": mf_ratio_estimate(follow, *random_hits).as_dict(),
+            "relative_drop": mf_relative_drop(follow, base_hits, random_hits).as_dict(),
+            "draws": len(random_hits),
+        },
         "amplify": {
             "gain": profile.default_gain,
-            "failed": len(failed),
             "recovered_share": share(amplify_failed),
-            "broken_share": 1 - sum(amplify_correct.values()) / len(amplify_correct)
-            if amplify_correct
-            else None,
+            "broken_share": proportion(
+                len(amplify_correct) - sum(amplify_correct.values()), len(amplify_correct)
+            ).as_dict(),
         },
         "control": {"baseline_accuracy": share(control_base), "block_top_accuracy": share(control_block)},
         "conflicts": len(conflicts),
@@ -148,19 +151,27 @@ def measure(
 
 
 def offline_figures(profile: Profile) -> dict[str, Any]:
-    """The same figures from the profile's validation (transformers)."""
+    """The same figures from the profile's validation (transformers, on the report split)."""
     validation = (profile.model_extra or {})["validation"]
     summary, modes = validation["summary"], validation["modes"]
 
-    def controls(key: str) -> float | None:
-        values = [modes[m][key] for m in MODES if modes[m][key] is not None]
-        weights = [modes[m]["controls"] for m in MODES if modes[m][key] is not None]
-        return sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights) if weights else None
+    def controls(key: str) -> dict[str, Any] | None:
+        present = [modes[m][key] for m in MODES if modes[m][key] is not None]
+        if not present:
+            return None
+        hits = sum(round(e["value"] * e["n"]) for e in present)
+        return proportion(hits, sum(e["n"] for e in present)).as_dict()
 
     return {
         "baseline": {"mf_ratio": summary["mf_ratio_baseline"]},
-        "block_top": {"mf_ratio": summary["mf_ratio_block_top"]},
-        "block_random": {"mf_ratio": summary["mf_ratio_block_random"]},
+        "block_top": {
+            "mf_ratio": summary["mf_ratio_block_top"],
+            "relative_drop": summary["block_top_relative_drop"],
+        },
+        "block_random": {
+            "mf_ratio": summary["mf_ratio_block_random"],
+            "relative_drop": summary["block_random_relative_drop"],
+        },
         "amplify": {
             "recovered_share": summary["amplify_rescued_share"],
             "broken_share": summary["amplify_broken_share"],
@@ -175,7 +186,9 @@ def offline_figures(profile: Profile) -> dict[str, Any]:
 ROWS = [
     ("MF ratio, no intervention", ("baseline", "mf_ratio")),
     ("MF ratio, block arbitration heads", ("block_top", "mf_ratio")),
+    ("  relative drop", ("block_top", "relative_drop")),
     ("MF ratio, block random heads", ("block_random", "mf_ratio")),
+    ("  relative drop", ("block_random", "relative_drop")),
     ("failures rescued by amplifying", ("amplify", "recovered_share")),
     ("correct answers broken by amplifying", ("amplify", "broken_share")),
     ("control accuracy", ("control", "baseline_accuracy")),
@@ -183,21 +196,32 @@ ROWS = [
 ]
 
 
-def table(offline: dict[str, Any], served: dict[str, Any]) -> str:
-    """The printed side-by-side table (percentages) and the relative drops of the served run."""
-
-    def cell(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.1f}"
-
-    lines = [f"{'(%, held-out test split)':<40} {'transformers':>12} {'vLLM served':>12}"]
-    for name, (arm, key) in ROWS:
-        lines.append(f"{name:<40} {cell(offline[arm][key]):>12} {cell(served[arm][key]):>12}")
-    base, blocked, rand = (served[a]["mf_ratio"] for a in ("baseline", "block_top", "block_random"))
-    lines.append("")
-    lines.append(
-        f"served: blocking the profile's heads lowers the MF ratio by {100 * (base - blocked) / base:.0f}% (relative); "
-        f"random heads by {100 * (base - rand) / base:.0f}%"
+def splits_statement(profile: Profile) -> str:
+    """Which split chose what and which one every figure comes from (the profile's provenance)."""
+    splits = ((profile.model_extra or {}).get("provenance") or {}).get("splits")
+    if not splits:
+        return "the profile does not record its splits (made before modality-steer recorded them)"
+    selection, report = splits["selection"], splits["report"]
+    return (
+        f"chosen on the selection split ({selection['data']}, {selection['samples']} samples): "
+        f"{', '.join(selection['used_for'])}; every figure below comes from the report split "
+        f"({report['data']}, {report['samples']} samples), which no choice saw"
     )
+
+
+def table(offline: dict[str, Any], served: dict[str, Any]) -> str:
+    """The printed side-by-side table: percentages with 95% intervals and the sample count of each
+    figure (:meth:`steer_server.stats.Estimate.percent`)."""
+
+    def cell(value: dict[str, Any] | None) -> str:
+        return "-" if value is None else Estimate.from_dict(value).percent(digits=1)
+
+    width = 30
+    lines = [f"{'(held-out test split, 95% CI)':<38} {'transformers':<{width}} {'vLLM served':<{width}}"]
+    for name, (arm, key) in ROWS:
+        lines.append(
+            f"{name:<38} {cell(offline[arm].get(key)):<{width}} {cell(served[arm].get(key)):<{width}}"
+        )
     return "\n".join(lines)
 
 
@@ -229,6 +253,7 @@ def run_demo(out: Path, *, concurrency: int = 16) -> dict[str, Any]:
         "profile": str(profile_path),
         "profile_id": profile.profile_id,
         "data": f"synthetic test split (n={EVAL_N}, seed={EVAL_SEED})",
+        "splits": splits_statement(profile),
         "served": served,
         "transformers": offline,
         "seconds": round(time.monotonic() - started, 1),
@@ -238,6 +263,7 @@ def run_demo(out: Path, *, concurrency: int = 16) -> dict[str, Any]:
     if heatmap.is_file():
         shutil.copyfile(heatmap, out.parent / heatmap.name)
     print()
+    print(splits_statement(profile))
     print(table(offline, served))
     print(f"\nwrote {out} ({results['seconds']:.0f} s)")
     return results

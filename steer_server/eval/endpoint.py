@@ -17,6 +17,7 @@ from typing import Any
 from ..data.prompts import openai_messages
 from ..data.schema import LoadedSample, Sample
 from ..data.scoring import mf_report
+from ..stats import Estimate
 
 
 @dataclass
@@ -110,3 +111,14 @@ def served_report(samples: Sequence[LoadedSample], run: ServedRun) -> dict[str, 
             "mean": statistics.fmean(ordered),
         }
     return report
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line for people: the MF ratio, each instruction's and the control accuracy of a
+    :func:`served_report`, with 95% intervals and counts."""
+    intervals = report["intervals"]
+    parts = [f"MF ratio {Estimate.from_dict(intervals['mf_ratio']).percent(digits=1)}"]
+    for follow, estimate in intervals["mf_ratio_by_follow"].items():
+        parts.append(f'"rely on the {follow}" {Estimate.from_dict(estimate).percent(digits=1)}')
+    parts.append(f"control accuracy {Estimate.from_dict(intervals['control_accuracy']).percent(digits=1)}")
+    return "; ".join(parts) + " (95% CI)"

@@ -1,7 +1,7 @@
 """Hook points into a transformers MLLM's language model: the one way the analysis, the toy model's
 training and the tests reach a head's output or cut attention.
 
-Two hook points, named as TransformerLens names them:
+Three kinds of hook point, named as TransformerLens names them:
 
 - ``blocks.{layer}.attn.hook_z``: the per-head attention output, i.e. the input of the layer's `o_proj`
   (``[batch, positions, heads * head_dim]``), reached by forward pre-hooks on `o_proj`
@@ -11,6 +11,9 @@ Two hook points, named as TransformerLens names them:
 - ``blocks.{layer}.attn.hook_pattern``: which keys each query may attend to, reached by forward
   pre-hooks on the self-attention module that replace its `attention_mask` argument
   (:func:`knockout_attention`, the paper's attention knockout).
+- ``blocks.{layer}.hook_resid_pre`` / ``hook_resid_mid`` / ``hook_resid_post`` and ``ln_final.hook_in``:
+  the residual stream before a decoder layer, between its token mixer and its MLP, after it, and at the
+  final norm (:func:`capture_residual_stream`, the logit lens).
 
 Every function is a context manager: hooks are removed, and anything changed is restored, on exit,
 also when the body raises.
@@ -24,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..architectures import attention_modules, geometry_of, o_proj_modules
+from ..architectures import attention_modules, geometry_of, o_proj_modules, residual_modules
 
 
 @contextmanager
@@ -153,3 +156,52 @@ def _with_cut(mask: Any, blocked: torch.Tensor, hidden: torch.Tensor, model: Any
             ~allowed, torch.finfo(dtype).min
         )[:, None]
     return allowed[:, None]
+
+
+@contextmanager
+def capture_residual_stream(model: Any) -> Iterator[dict[str, dict[int, torch.Tensor]]]:
+    """Collect the residual stream ([batch, positions, hidden] each, detached) of the forward pass run
+    inside the block: ``resid_pre[l]`` (layer l's input), ``resid_mid[l]`` (the input of its pre-MLP
+    norm), ``resid_post[l]`` (its output) and ``ln_final[0]`` (the final norm's input). A later forward
+    overwrites an earlier one's entries.
+
+    Raises:
+        steer_server.architectures.UnsupportedArchitectureError: see
+            :func:`~steer_server.architectures.residual_modules`.
+    """
+    modules = residual_modules(model)
+    stream: dict[str, dict[int, torch.Tensor]] = {
+        "resid_pre": {},
+        "resid_mid": {},
+        "resid_post": {},
+        "ln_final": {},
+    }
+
+    def keep_input(kind: str, index: int) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if not isinstance(hidden, torch.Tensor):
+                raise RuntimeError(f"{kind}[{index}]: the module got no hidden-states tensor")
+            stream[kind][index] = hidden.detach()
+
+        return hook
+
+    def keep_output(index: int) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            stream["resid_post"][index] = hidden.detach()
+
+        return hook
+
+    with ExitStack() as stack:
+        for index, layer in modules.layers.items():
+            pre = layer.register_forward_pre_hook(keep_input("resid_pre", index), with_kwargs=True)
+            post = layer.register_forward_hook(keep_output(index))
+            mid = modules.pre_mlp_norms[index].register_forward_pre_hook(
+                keep_input("resid_mid", index), with_kwargs=True
+            )
+            for handle in (pre, post, mid):
+                stack.callback(handle.remove)
+        final = modules.final_norm.register_forward_pre_hook(keep_input("ln_final", 0), with_kwargs=True)
+        stack.callback(final.remove)
+        yield stream

@@ -46,14 +46,23 @@ def evaluate(model_dir: Path, *, data: Path | None = None, progress: bool = Fals
     return report
 
 
-def _target_verdict(report: dict[str, Any]) -> str:
+def target_misses(report: dict[str, Any]) -> list[str]:
+    """The targets of the embedded default (:data:`MF_RANGE` per instruction, :data:`MIN_CONTROL_ACCURACY`)
+    that a measurement (:func:`evaluate`) misses, each said in words; empty when it meets them all."""
     misses = [
         f'MF ratio "rely on the {mode}" {value:.3f} outside [{MF_RANGE[0]}, {MF_RANGE[1]}]'
         for mode, value in report["mf_ratio_by_follow"].items()
         if not MF_RANGE[0] <= value <= MF_RANGE[1]
     ]
-    if report["control_accuracy"] < MIN_CONTROL_ACCURACY:
-        misses.append(f"control accuracy {report['control_accuracy']:.3f} below {MIN_CONTROL_ACCURACY}")
+    if set(report["mf_ratio_by_follow"]) != {"image", "text"}:
+        misses.append("the measurement lacks an instruction's conflicts")
+    if report["control_accuracy"] is None or report["control_accuracy"] < MIN_CONTROL_ACCURACY:
+        misses.append(f"control accuracy {report['control_accuracy']} below {MIN_CONTROL_ACCURACY}")
+    return misses
+
+
+def _target_verdict(report: dict[str, Any]) -> str:
+    misses = target_misses(report)
     return "Meets the targets." if not misses else "Misses the targets: " + "; ".join(misses) + "."
 
 
