@@ -104,6 +104,8 @@ class WorkerSteering:
             get_tensor_model_parallel_world_size,
         )
 
+        from ..kernels.head_scale import SlotMapStaging
+
         self.plugin = plugin
         self.device = runner.device
         self.max_slots = int(runner.max_num_reqs) + 1
@@ -142,9 +144,10 @@ class WorkerSteering:
             layer: torch.ones(self.max_slots, self.local_heads, dtype=torch.float32, device=self.device)
             for layer in self.steered_layers
         }
-        self.slot_map = torch.zeros(self.max_tokens, dtype=torch.int32, device=self.device)
-        self._slot_map_cpu = torch.zeros(self.max_tokens, dtype=torch.int32)
-        self._dirty = 0  # slot-map entries that may be non-zero since the last reset
+        # The token → slot map ([max_tokens] int32 on the device) and its host staging (pinned and double
+        # buffered on CUDA).
+        self._staging = SlotMapStaging(self.max_tokens, self.device)
+        self.slot_map = self._staging.slot_map
         self.active = False
         self._digest_of_request: dict[str, str | None] = {}  # None: unsteered
         self._gains_of_digest: dict[str, dict[tuple[int, int], float]] = {}
@@ -155,6 +158,13 @@ class WorkerSteering:
         self._peak_tracked = 0  # most requests tracked at once (running and preempted), since start
         for layer in self.steered_layers:
             _wrap_attention(self.layers[layer], self, self.tables[layer])
+        # Load time (`load_model`) comes before vLLM's warm-up and CUDA-graph capture.
+        self.kernel_variants = _warm_up_kernel(
+            self.device,
+            runner.model_config.dtype,
+            [self.layers[n] for n in self.steered_layers],
+            self.max_tokens,
+        )
         logger.warning(
             "modality-steer: profile %s; DP rank %d, PP stage %d (layers %d-%d of %d), TP rank %d/%d; "
             "steered layers %s; %d slots",
@@ -299,9 +309,7 @@ class WorkerSteering:
         """Scale nothing until the next `begin_step`: zero the slot map's used extent (a captured full
         CUDA graph reads the buffer) and stop the eager path. Called before dummy and profiling runs
         (idle data-parallel ranks, warm-up, graph capture), whose tokens belong to no request."""
-        if self._dirty:
-            self.slot_map[: self._dirty].zero_()
-            self._dirty = 0
+        self._staging.clear()
         self.active = False
 
     def begin_step(self, runner: Any, num_scheduled_tokens: Any) -> None:
@@ -313,6 +321,7 @@ class WorkerSteering:
                 broken invariant), or a spec the worker's settings refuse.
         """
         import numpy as np
+        import torch
 
         self._step += 1
         num_reqs = runner.input_batch.num_reqs
@@ -332,13 +341,7 @@ class WorkerSteering:
         if not slots.any():
             self.deactivate()
             return
-        per_token = np.repeat(slots, counts)
-        view = self._slot_map_cpu.numpy()
-        view[:total] = per_token
-        view[total : max(total, self._dirty)] = 0
-        extent = max(total, self._dirty)
-        self.slot_map[:extent].copy_(self._slot_map_cpu[:extent], non_blocking=True)
-        self._dirty = total
+        self._staging.stage(torch.from_numpy(np.repeat(slots, counts)))
         self.active = True
 
 
@@ -374,6 +377,26 @@ def _check_drafter(runner: Any, layers: dict[int, Any]) -> None:
         )
 
 
+def _warm_up_kernel(device: Any, dtype: Any, layers: list[Any], max_tokens: int) -> int:
+    """Compile and launch every variant of the CUDA head-scaling kernel that `layers` (vLLM `Attention`
+    modules to be steered) can hit in a step of up to `max_tokens` tokens of `dtype`; return the number of
+    launches (0 off CUDA, where serving runs the torch path, or with no layer to steer).
+
+    Called at load: vLLM's warm-up runs (`vllm/v1/worker/gpu_model_runner.py`, `_warmup_and_capture`)
+    scale nothing (the slot map is cleared, see `WorkerSteering.deactivate`), so without this the first
+    call of each variant would be the one inside CUDA-graph capture, where compiling and loading a module
+    is not allowed. The kernel sees the attention output as ``[tokens, num_heads, head_size_v]``.
+    """
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return 0
+    from ..kernels.head_scale import warm_up
+
+    shapes = {(int(layer.num_heads), int(getattr(layer, "head_size_v", layer.head_size))) for layer in layers}
+    return sum(warm_up(heads, head_dim, dtype, device, max_tokens) for heads, head_dim in sorted(shapes))
+
+
 def _wrap_attention(layer: Any, state: WorkerSteering, table: Any) -> None:
     """Scale this layer's heads right after its attention backend writes `output`."""
     import torch
@@ -400,6 +423,10 @@ def _wrap_attention(layer: Any, state: WorkerSteering, table: Any) -> None:
             if state.active:
                 raise SteeringConfigError("modality-steer: an attention backend ran without an output buffer")
             return result
+        # Capture-safe: nothing below reads device memory back to the host (shapes, views and flags only;
+        # `check_arguments` skips its debug read-back while capturing), and every kernel variant was
+        # compiled at load (`_warm_up_kernel`). A FULL graph captures the launch with the slot map
+        # buffer, so it is captured even when no request of the capturing (dummy) step is steered.
         capturing = output.is_cuda and torch.cuda.is_current_stream_capturing()
         if state.active or capturing:
             tokens = output.shape[0]
