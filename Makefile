@@ -48,8 +48,8 @@ bench: venv
 	MODALITY_STEER_LOAD_REQUESTS=200 MODALITY_STEER_LOAD_JSON=benchmarks/load.json \
 		$(BIN)/python -m pytest -q -s tests/test_hardening.py -k concurrent_mixed_load
 
-# Re-derive the shipped toy profile and its plots from the held-out data (about 10 minutes on 2 cores):
-# heads are selected on the validation split and validated on the test split.
+# Re-derive the shipped toy profile, its plots and its logit lens from the synthetic splits (10-20 minutes on 2 cores):
+# heads and the default gain are chosen on the validation split; every reported figure comes from the test split.
 toy-profile: venv
 	$(BIN)/modality-steer data synth --out build/toydata --n 6000 --seed 0
 	$(BIN)/modality-steer analyze steer_server/toy/checkpoint --data build/toydata/validation.jsonl \
