@@ -98,7 +98,8 @@ def bootstrap(
     confidence: float = CONFIDENCE,
 ) -> Estimate:
     """`statistic(*samples)` with a seeded, paired bootstrap interval: the arrays in `samples` are
-    resampled together (index i of each belongs to the same sample or repeat).
+    resampled together (index i of each belongs to the same sample or repeat). The result does not
+    depend on the order of the samples.
 
     Args:
         statistic: takes one 1-D array per entry of `samples` and returns a float (may be NaN where
@@ -116,6 +117,10 @@ def bootstrap(
     n = int(arrays[0].shape[0])
     if n == 0:
         return Estimate(None, None, None, 0, "bootstrap-bca")
+    # Rows in a canonical order: the same samples give the same interval whatever order they came in
+    # (a profile's validation and the demo's served run list the same conflicts differently).
+    order = np.lexsort(arrays[::-1])
+    arrays = [a[order] for a in arrays]
     value = float(statistic(*arrays))
     if n == 1 or not math.isfinite(value):
         return Estimate(value if math.isfinite(value) else None, None, None, n, "bootstrap-bca")

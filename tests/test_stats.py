@@ -53,6 +53,17 @@ def test_bootstrap_of_a_mean_matches_the_standard_error_and_is_seeded():
     assert bootstrap(lambda x: float(x.mean()), [values], seed=1) != estimate
 
 
+def test_bootstrap_does_not_depend_on_the_order_of_the_samples():
+    rng = np.random.default_rng(2)
+    first, second = rng.random(60) > 0.3, rng.random(60) > 0.6
+    order = rng.permutation(60)
+    drop = mf_relative_drop
+    follow = ["image", "text"] * 30
+    a = drop(follow, first.tolist(), [second.tolist()])
+    b = drop([follow[i] for i in order], first[order].tolist(), [second[order].tolist()])
+    assert a == b
+
+
 def test_paired_bootstrap_keeps_pairs_together():
     """A difference that is constant within pairs has a zero-width interval only when pairs are
     resampled together."""
