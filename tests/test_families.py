@@ -185,6 +185,8 @@ def test_analyze_writes_a_valid_profile(family_model, family_data, tmp_path):
     config = AnalysisConfig(progress=False, limit=32, knockout_samples=8, random_draws=1, batch_size=16)
     result = analyze(model_dir, family_data["validation"], config, eval_data=family_data["test"])
     write_outputs(result, tmp_path / "profile.json", None)
+    # The residual decomposition finds every family's sublayers (table paths) and adds up.
+    assert result.logit_lens["max_additivity_error"] < 1e-4, family.name
     profile = load_profile(tmp_path / "profile.json")
     geometry = _geometry(model_dir)
     assert profile.model.shape() == geometry.shape() and profile.model.architecture == family.architecture
