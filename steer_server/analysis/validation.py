@@ -93,12 +93,9 @@ class _Validator:
             counts[gain] = _SweepCounts(rescued, len(failed), broken, len(correct))
         return counts
 
-    def pooled_sweep(
-        self, selected: dict[str, list[tuple[int, int]]]
-    ) -> tuple[dict[str, dict[float, _SweepCounts]], dict[float, _SweepCounts]]:
-        """The sweep of both modes (each mode's own heads on its own conflicts), per mode and pooled."""
+    def pooled_sweep(self, selected: dict[str, list[tuple[int, int]]]) -> dict[float, _SweepCounts]:
+        """The sweep of both modes (each mode's own heads on its own conflicts), pooled."""
         pooled = {gain: _SweepCounts() for gain in self.config.gains}
-        per_mode = {}
         for mode in MODES:
             conflict = self.indices("conflict", mode)
             if not conflict:
@@ -106,10 +103,9 @@ class _Validator:
             base = self.follows([], 1.0, conflict)
             failed = [i for i, ok in zip(conflict, base, strict=True) if not ok]
             correct = [i for i, ok in zip(conflict, base, strict=True) if ok]
-            per_mode[mode] = self.sweep(selected[mode], failed, correct, mode, self.config.gains)
-            for gain, count in per_mode[mode].items():
+            for gain, count in self.sweep(selected[mode], failed, correct, mode, self.config.gains).items():
                 pooled[gain].add(count)
-        return per_mode, pooled
+        return pooled
 
     def random_draws(
         self, pool: list[tuple[int, int]], count: int, conflict: list[int], rng: random.Random, mode: str
@@ -183,7 +179,7 @@ def choose_default_gain(
     Raises:
         AnalysisError: a mode has no conflict sample.
     """
-    _, pooled = _Validator(runner, geometry, config).pooled_sweep(selected)
+    pooled = _Validator(runner, geometry, config).pooled_sweep(selected)
     gain = choose_gain({str(g): c for g, c in pooled.items()})
     return gain, {
         "gain_sweep": {str(g): c.estimates() for g, c in pooled.items()},
