@@ -33,6 +33,8 @@ class ArchitectureSpec:
             token mixer (attention) and the MLP; its input is that residual (Llama-style layers call it
             `post_attention_layernorm`; Gemma 3, whose `post_attention_layernorm` normalises the
             attention output, `pre_feedforward_layernorm`).
+        mlp_path: from a decoder layer to its MLP (dense or mixture of experts); its input must be the
+            pre-MLP norm's output (checked by the logit lens on every batch).
         final_norm_path: from the model object to the language model's final norm (its input is the last
             residual stream, its output what the unembedding reads); default: beside the decoder layers.
     """
@@ -44,6 +46,7 @@ class ArchitectureSpec:
     image_token_attr: str = "image_token_id"
     attention_layer_types: tuple[str, ...] | None = None
     pre_mlp_norm_path: str = "post_attention_layernorm"
+    mlp_path: str = "mlp"
     final_norm_path: str | None = None
 
     @property
@@ -82,7 +85,9 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "Glm4vMoeForConditionalGeneration": _LANGUAGE_MODEL,
     "Idefics3ForConditionalGeneration": ArchitectureSpec(layers_path="model.text_model.layers"),
     "SmolVLMForConditionalGeneration": ArchitectureSpec(layers_path="model.text_model.layers"),
-    "Llama4ForConditionalGeneration": ArchitectureSpec(layers_path="language_model.model.layers"),
+    "Llama4ForConditionalGeneration": ArchitectureSpec(
+        layers_path="language_model.model.layers", mlp_path="feed_forward"
+    ),
 }
 
 
@@ -207,12 +212,14 @@ class ResidualModules:
         layers: decoder layer modules by index; a layer's input is the residual before it, its output
             (first element when a tuple) the residual after it.
         pre_mlp_norms: per layer, the norm whose input is the residual between the token mixer and the MLP.
+        mlps: per layer, the MLP (its input: that norm's output).
         final_norm: the norm whose input is the last residual stream.
         unembedding: the output projection (`model.get_output_embeddings()`), [vocab, hidden] weight.
     """
 
     layers: dict[int, Any]
     pre_mlp_norms: dict[int, Any]
+    mlps: dict[int, Any]
     final_norm: Any
     unembedding: Any
 
@@ -225,17 +232,23 @@ def residual_modules(model: Any) -> ResidualModules:
     """
     _, spec = architecture_of(model.config)
     layers = dict(enumerate(_attr_path(model, spec.layers_path)))
-    norms = {}
+    norms: dict[int, Any] = {}
+    mlps: dict[int, Any] = {}
     for index, layer in layers.items():
-        try:
-            norms[index] = _attr_path(layer, spec.pre_mlp_norm_path)
-        except AttributeError as exc:
-            raise UnsupportedArchitectureError(
-                f"decoder layer {index} has no {spec.pre_mlp_norm_path} (the pre-MLP norm)"
-            ) from exc
+        for found, path, what in (
+            (norms, spec.pre_mlp_norm_path, "pre-MLP norm"),
+            (mlps, spec.mlp_path, "MLP"),
+        ):
+            try:
+                found[index] = _attr_path(layer, path)
+            except AttributeError as exc:
+                raise UnsupportedArchitectureError(
+                    f"decoder layer {index} has no {path} (the {what})"
+                ) from exc
     return ResidualModules(
         layers=layers,
         pre_mlp_norms=norms,
+        mlps=mlps,
         final_norm=_attr_path(model, spec.final_norm),
         unembedding=model.get_output_embeddings(),
     )

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..architectures import residual_modules
+from ..architectures import ResidualModules, residual_modules
 from ..hf.hooks import capture_residual_stream
 from ..hf.model import LoadedModel
 from ..stats import bootstrap
@@ -67,27 +67,35 @@ class Decomposition:
         return self.embed + self.attention.sum(1) + self.mlp.sum(1) + self.between
 
 
-def _rows(values: dict[int, torch.Tensor], last: torch.Tensor) -> list[torch.Tensor]:
-    rows = torch.arange(last.shape[0], device=last.device)
-    return [values[index][rows, last].double() for index in sorted(values)]
-
-
 def answer_directions(
     unembedding: torch.Tensor, instructed: Sequence[list[int]], competing: Sequence[list[int]]
 ) -> torch.Tensor:
     """[B, hidden] float64: mean unembedding row of each sample's instructed first tokens minus the mean
-    of its competing ones (`unembedding` [vocab, hidden]).
+    of its competing ones (`unembedding` [vocab, hidden]; only those rows are read and cast).
 
     Raises:
         AnalysisError: a sample without competing tokens (a control: D needs two answers).
     """
-    weight = unembedding.detach().double()
     rows = []
     for inst, comp in zip(instructed, competing, strict=True):
         if not comp:
             raise AnalysisError("the logit lens needs conflict samples (two answers), got a control")
-        rows.append(weight[inst].mean(0) - weight[comp].mean(0))
+        weight = unembedding.detach()
+        rows.append(weight[inst].double().mean(0) - weight[comp].double().mean(0))
     return torch.stack(rows)
+
+
+def _check_mlp_reads_the_norm(modules: ResidualModules, stream: dict[str, dict[int, torch.Tensor]]) -> None:
+    """The split between attention and MLP is right only if the hooked pre-MLP norm is the one whose
+    output the MLP reads (the architecture table's `pre_mlp_norm_path` and `mlp_path`)."""
+    for index, norm in modules.pre_mlp_norms.items():
+        expected, found = norm(stream["resid_mid"][index]).float(), stream["mlp_in"][index].float()
+        scale = float(found.abs().max()) or 1.0
+        if not torch.allclose(expected, found, rtol=1e-3, atol=1e-3 * scale):
+            raise AnalysisError(
+                f"layer {index}: the MLP does not read the pre-MLP norm of the residual stream; the "
+                "architecture table's pre_mlp_norm_path / mlp_path do not describe this model"
+            )
 
 
 def decompose(
@@ -96,23 +104,34 @@ def decompose(
     instructed: Sequence[list[int]],
     competing: Sequence[list[int]],
 ) -> Decomposition:
-    """The decomposition of D for one encoded batch (see the module docstring).
+    """The decomposition of D for one encoded batch (see the module docstring); only the last prompt
+    position's residual stream is kept.
 
     Raises:
-        AnalysisError: see :func:`answer_directions`; or the forward did not pass every decoder layer.
+        AnalysisError: see :func:`answer_directions`; the forward did not pass every decoder layer and the
+            final norm; or the table's pre-MLP norm is not what the model's MLPs read.
     """
     model = loaded.model
-    with torch.inference_mode(), capture_residual_stream(model) as stream:
-        logits = model(**batch).logits
-        last = batch["attention_mask"].sum(dim=1) - 1
-        pre, mid, post = (_rows(stream[k], last) for k in ("resid_pre", "resid_mid", "resid_post"))
-        if not (len(pre) == len(mid) == len(post) == len(stream["resid_pre"])) or not stream["ln_final"]:
+    modules = residual_modules(model)
+    last = batch["attention_mask"].sum(dim=1) - 1
+    with torch.inference_mode():
+        with capture_residual_stream(model, positions=last) as stream:
+            logits = model(**batch).logits
+        # Below, outside the hooks: calling the norms again must not overwrite what was captured.
+        layers = len(modules.layers)
+        if (
+            any(len(stream[k]) != layers for k in ("resid_pre", "resid_mid", "mlp_in", "resid_post"))
+            or not stream["ln_final"]
+        ):
             raise AnalysisError("the forward did not pass through every decoder layer and the final norm")
-        final = _rows(stream["ln_final"], last)[0]
-        norm = residual_modules(model).final_norm
-        normed = norm(final.to(logits.dtype)).double()
-        unembedding = model.get_output_embeddings().weight
-        directions = answer_directions(unembedding, instructed, competing).to(final.device)
+        _check_mlp_reads_the_norm(modules, stream)
+        pre, mid, post = (
+            [stream[k][i].double() for i in range(layers)] for k in ("resid_pre", "resid_mid", "resid_post")
+        )
+        final = stream["ln_final"][0].double()
+        norm = modules.final_norm
+        normed = norm(final.float()).double()
+        directions = answer_directions(modules.unembedding.weight, instructed, competing).to(final.device)
         rows = torch.arange(logits.shape[0], device=logits.device)
         own = torch.stack(
             [
@@ -130,14 +149,9 @@ def decompose(
         attention = torch.stack([contribution(m - p) for p, m in zip(pre, mid, strict=True)], dim=1)
         mlp = torch.stack([contribution(o - m) for m, o in zip(mid, post, strict=True)], dim=1)
         gaps = (
-            final
-            - post[-1]
-            + sum((pre[i + 1] - post[i] for i in range(len(pre) - 1)), torch.zeros_like(final))
+            final - post[-1] + sum((pre[i + 1] - post[i] for i in range(layers - 1)), torch.zeros_like(final))
         )
-        lens_points = [*pre, final]
-        lens = torch.stack(
-            [(directions * norm(r.to(logits.dtype)).double()).sum(-1) for r in lens_points], dim=1
-        )
+        lens = torch.stack([(directions * norm(r.float()).double()).sum(-1) for r in [*pre, final]], dim=1)
     return Decomposition(
         logit_diff=own.float().cpu(),
         embed=contribution(pre[0]).float().cpu(),

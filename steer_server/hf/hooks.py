@@ -159,48 +159,58 @@ def _with_cut(mask: Any, blocked: torch.Tensor, hidden: torch.Tensor, model: Any
 
 
 @contextmanager
-def capture_residual_stream(model: Any) -> Iterator[dict[str, dict[int, torch.Tensor]]]:
-    """Collect the residual stream ([batch, positions, hidden] each, detached) of the forward pass run
-    inside the block: ``resid_pre[l]`` (layer l's input), ``resid_mid[l]`` (the input of its pre-MLP
-    norm), ``resid_post[l]`` (its output) and ``ln_final[0]`` (the final norm's input). A later forward
-    overwrites an earlier one's entries.
+def capture_residual_stream(
+    model: Any, positions: torch.Tensor | None = None
+) -> Iterator[dict[str, dict[int, torch.Tensor]]]:
+    """Collect the residual stream of the forward pass run inside the block: ``resid_pre[l]`` (layer
+    l's input), ``resid_mid[l]`` (the input of its pre-MLP norm), ``mlp_in[l]`` (its MLP's input: that
+    norm's output), ``resid_post[l]`` (its output) and ``ln_final[0]`` (the final norm's input); detached,
+    each [batch, positions, hidden], or [batch, hidden] at one position per row when `positions` ([batch]
+    int) is given (what the logit lens keeps: a model's whole residual stream does not fit). A later
+    forward overwrites an earlier one's entries.
 
     Raises:
         steer_server.architectures.UnsupportedArchitectureError: see
             :func:`~steer_server.architectures.residual_modules`.
+        RuntimeError: a hooked module got no hidden-states tensor.
     """
     modules = residual_modules(model)
     stream: dict[str, dict[int, torch.Tensor]] = {
-        "resid_pre": {},
-        "resid_mid": {},
-        "resid_post": {},
-        "ln_final": {},
+        key: {} for key in ("resid_pre", "resid_mid", "mlp_in", "resid_post", "ln_final")
     }
+
+    def kept(hidden: torch.Tensor) -> torch.Tensor:
+        if positions is None:
+            return hidden.detach()
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden.detach()[rows, positions.to(hidden.device)]
 
     def keep_input(kind: str, index: int) -> Any:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             if not isinstance(hidden, torch.Tensor):
                 raise RuntimeError(f"{kind}[{index}]: the module got no hidden-states tensor")
-            stream[kind][index] = hidden.detach()
+            stream[kind][index] = kept(hidden)
 
         return hook
 
     def keep_output(index: int) -> Any:
         def hook(module: Any, args: Any, output: Any) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            stream["resid_post"][index] = hidden.detach()
+            stream["resid_post"][index] = kept(output[0] if isinstance(output, tuple) else output)
 
         return hook
 
     with ExitStack() as stack:
         for index, layer in modules.layers.items():
-            pre = layer.register_forward_pre_hook(keep_input("resid_pre", index), with_kwargs=True)
-            post = layer.register_forward_hook(keep_output(index))
-            mid = modules.pre_mlp_norms[index].register_forward_pre_hook(
-                keep_input("resid_mid", index), with_kwargs=True
+            handles = (
+                layer.register_forward_pre_hook(keep_input("resid_pre", index), with_kwargs=True),
+                layer.register_forward_hook(keep_output(index)),
+                modules.pre_mlp_norms[index].register_forward_pre_hook(
+                    keep_input("resid_mid", index), with_kwargs=True
+                ),
+                modules.mlps[index].register_forward_pre_hook(keep_input("mlp_in", index), with_kwargs=True),
             )
-            for handle in (pre, post, mid):
+            for handle in handles:
                 stack.callback(handle.remove)
         final = modules.final_norm.register_forward_pre_hook(keep_input("ln_final", 0), with_kwargs=True)
         stack.callback(final.remove)
