@@ -16,7 +16,7 @@ from steer_server.analysis.ablation import gain_table, spearman
 from steer_server.analysis.attribution import attribution
 from steer_server.analysis.config import AnalysisConfig, AnalysisError
 from steer_server.analysis.metric import Runner, score_logits
-from steer_server.analysis.pipeline import analyze, split_holdout
+from steer_server.analysis.pipeline import analyze, content_overlap, split_holdout
 from steer_server.architectures import (
     UnsupportedArchitectureError,
     attention_modules,
@@ -422,6 +422,8 @@ def assert_choices_never_saw_the_reported_split(raw, selection_path, report_path
     selection_ids = {s.sample.id for s in load_samples(selection_path)}
     report_ids = {s.sample.id for s in load_samples(report_path)}
     assert not selection_ids & report_ids and splits["disjoint_sample_ids"] is True
+    overlap = content_overlap(load_samples(selection_path)[:limit], load_samples(report_path)[:limit])
+    assert splits["report_samples_identical_to_selection_samples"] == overlap
     # The default gain follows from the selection split's sweep (rescued most, broke at most 5%) ...
     sweep = raw["selection"]["gain_sweep"]
 
@@ -495,6 +497,57 @@ def test_shipped_profile_chose_nothing_on_its_reported_split(tmp_path):
     ):
         low, high = summary[key]["ci95"]
         assert low <= summary[key]["value"] <= high and summary[key]["n"] > 0, key
+    # The analysis issue's targets, on the report split.
+    assert summary["block_top_relative_drop"]["ci95"][0] >= 0.5, summary
+    assert summary["block_random_relative_drop"]["value"] <= 0.1, summary
+    assert summary["amplify_rescued_share"]["value"] >= 0.4, summary
+    assert summary["amplify_broken_share"]["value"] <= 0.05, summary
+    for mode in raw["validation"]["modes"].values():
+        before, after = (
+            mode["control_accuracy_baseline"]["value"],
+            mode["control_accuracy_block_top"]["value"],
+        )
+        assert before - after <= 0.05, mode
+
+
+CHOICES = ("attribution", "rank_mode", "choose_default_gain")
+FIGURES = ("validate", "knockout", "semantic_inertia")
+
+
+@pytest.mark.parametrize("report", ["eval-data", "holdout"])
+def test_every_choice_sees_only_the_selection_split(tiny_llava, small_data, monkeypatch, report):
+    """Spies on what each stage of the pipeline is given: the stages that choose (ranking, exact
+    ablation, the default gain's sweep) only selection samples, the stages that report only report
+    samples; with --eval-data and with the default held-out split."""
+    import steer_server.analysis.pipeline as pipeline
+
+    seen: dict[str, set[str]] = {}
+
+    def spy(name, function):
+        def wrapped(runner, *args, **kwargs):
+            seen.setdefault(name, set()).update(s.sample.id for s in runner.samples)
+            return function(runner, *args, **kwargs)
+
+        return wrapped
+
+    for name in CHOICES + FIGURES:
+        monkeypatch.setattr(pipeline, name, spy(name, getattr(pipeline, name)))
+    config = AnalysisConfig(progress=False, limit=40, random_draws=1, knockout_samples=4, batch_size=20)
+    data = small_data["train"]
+    if report == "eval-data":
+        result = analyze(tiny_llava, data, config, eval_data=small_data["test"])
+        selection = {s.sample.id for s in load_samples(data)[:40]}
+        reported = {s.sample.id for s in load_samples(small_data["test"])[:40]}
+    else:
+        result = analyze(tiny_llava, data, config)
+        chosen, held = split_holdout(load_samples(data)[:40], config.holdout, config.seed)
+        selection, reported = {s.sample.id for s in chosen}, {s.sample.id for s in held}
+        assert result.profile.model_extra["provenance"]["splits"]["report"]["samples"] == len(held)
+    assert not selection & reported
+    for name in CHOICES:
+        assert seen[name] and seen[name] <= selection, name
+    for name in FIGURES:
+        assert seen[name] and seen[name] <= reported, name
 
 
 def test_holdout_split_is_disjoint_stratified_and_seeded(small_data):

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from steer_server.data.scoring import mf_ratio, mf_ratio_estimate, mf_relative_drop
-from steer_server.stats import Estimate, bootstrap, proportion
+from steer_server.data.scoring import mf_ratio, mf_ratio_estimate, mf_ratio_over_draws, mf_relative_drop
+from steer_server.stats import Estimate, bootstrap, mean_of_proportions, proportion, stratified_bootstrap
 
 
 @pytest.mark.parametrize("n", [1, 7, 32, 500])
@@ -91,10 +91,47 @@ def test_mf_ratio_estimate_is_the_mean_over_instructions():
     estimate = mf_ratio_estimate(follow, hits)
     assert estimate.value == pytest.approx(mf_ratio({"image": 0.9, "text": 0.5}))
     assert estimate.low < estimate.value < estimate.high and estimate.n == 40
-    single = mf_ratio_estimate(["text"] * 4, [True, False, True, True])
-    assert single == proportion(3, 4)
-    several = mf_ratio_estimate(follow, hits, [False] * 40)
-    assert several.value == pytest.approx(estimate.value / 2)
+    assert estimate.method == "jeffreys-monte-carlo"
+    assert mf_ratio_estimate(["text"] * 4, [True, False, True, True]) == proportion(3, 4)
+    assert mf_ratio_estimate(list(reversed(follow)), list(reversed(hits))) == estimate
+
+
+def test_mean_of_proportions_is_never_zero_width_at_the_edges():
+    """All successes: the interval still has width, about as wide as each group's exact one allows."""
+    every = mean_of_proportions([(20, 20), (20, 20)])
+    assert every.value == 1 and every.high == 1 and 0.9 < every.low < 0.99
+    none = mean_of_proportions([(0, 20), (0, 30)])
+    assert none.value == 0 and none.low == 0 and 0.01 < none.high < 0.1
+
+
+def test_mean_of_proportions_matches_the_normal_approximation_in_the_middle():
+    estimate = mean_of_proportions([(300, 500), (200, 500)])
+    half = 1.96 * math.sqrt(0.6 * 0.4 / 500 + 0.4 * 0.6 / 500) / 2
+    assert estimate.low == pytest.approx(0.5 - half, abs=0.15 * half)
+    assert estimate.high == pytest.approx(0.5 + half, abs=0.15 * half)
+
+
+def test_stratified_bootstrap_never_loses_a_stratum():
+    """One image conflict among ten text ones: every resample keeps it, so the MF ratio stays defined
+    and the interval is about the text share's."""
+    follow = ["image"] + ["text"] * 10
+    draws = [[True] + [i % 2 == 0 for i in range(10)]] * 2
+    estimate = mf_ratio_over_draws(follow, draws)
+    assert estimate.low is not None and estimate.low >= 0.5  # the image share is 1 in every resample
+    assert estimate.method == "stratified-bootstrap"
+
+
+def test_interval_over_draws_covers_the_draws_variation():
+    follow = ["image", "text"] * 100
+    same = [[i % 10 != 0 for i in range(200)]] * 5
+    varied = [[(i + shift) % (2 + shift) != 0 for i in range(200)] for shift in range(5)]
+    narrow, wide = mf_ratio_over_draws(follow, same), mf_ratio_over_draws(follow, varied)
+    assert (wide.high - wide.low) > 1.5 * (narrow.high - narrow.low)
+
+
+def test_stratified_bootstrap_refuses_mismatched_arrays():
+    with pytest.raises(ValueError, match="one value per stratum label"):
+        stratified_bootstrap(lambda a, m: 0.0, [[1.0, 2.0]], ["x"])
 
 
 def test_relative_drop_is_paired_over_conflicts():

@@ -115,6 +115,17 @@ def _split_record(
     }
 
 
+def content_overlap(selection: list[LoadedSample], report: list[LoadedSample]) -> dict[str, int]:
+    """How many report samples are content-identical (:meth:`LoadedSample.content_digest`) to a
+    selection sample, by kind: a generator with a small space of questions repeats some across splits."""
+    seen = {s.content_digest() for s in selection}
+    repeated = [s for s in report if s.content_digest() in seen]
+    return {
+        "samples": len(repeated),
+        "conflicts": sum(s.sample.kind == "conflict" for s in repeated),
+    }
+
+
 def _check_heads(model: Any, geometry: ModelGeometry) -> None:
     width = geometry.num_heads * geometry.head_dim
     for layer, module in o_proj_modules(model).items():
@@ -196,6 +207,7 @@ def analyze(
             "selection": _split_record(samples, str(data_path), data_digest(data_path), SELECTION_CHOICES),
             "report": _split_record(report_samples, report_name, report_sha, REPORTED_FIGURES),
             "disjoint_sample_ids": True,
+            "report_samples_identical_to_selection_samples": content_overlap(samples, report_samples),
         },
         "conflict_samples": len(conflicts),
         "top_frac": config.top_frac,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..data.scoring import mf_ratio_estimate, mf_relative_drop
+from ..data.scoring import mf_ratio_estimate, mf_ratio_over_draws, mf_relative_drop
 from ..geometry import ModelGeometry
 from ..profile import MODES
 from ..stats import proportion
@@ -154,7 +154,7 @@ class _Validator:
             "failed_at_baseline": len(failed),
             "mf_ratio_baseline": share(base),
             "mf_ratio_block_top": share(block_top),
-            "mf_ratio_block_random": mf_ratio_estimate([mode] * len(conflict), *random_outcomes).as_dict(),
+            "mf_ratio_block_random": mf_ratio_over_draws([mode] * len(conflict), random_outcomes).as_dict(),
             "mf_ratio_block_random_draws": draws,
             "block_random_heads": random_heads,
             "gain_sweep": {str(gain): counts[gain].estimates() for gain in self.config.gains},
@@ -231,7 +231,7 @@ def validate(
         "correct_at_baseline": pooled[default_gain].correct,
         "mf_ratio_baseline": mf(base),
         "mf_ratio_block_top": mf(block_top),
-        "mf_ratio_block_random": mf_ratio_estimate(follow, *draws).as_dict(),
+        "mf_ratio_block_random": mf_ratio_over_draws(follow, draws).as_dict(),
         "block_top_relative_drop": mf_relative_drop(follow, base, [block_top]).as_dict(),
         "block_random_relative_drop": mf_relative_drop(follow, base, draws).as_dict(),
         "gain_sweep": {str(gain): pooled[gain].estimates() for gain in config.gains},

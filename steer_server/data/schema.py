@@ -65,6 +65,13 @@ class LoadedSample:
     image_path: Path | None
     line: int
 
+    def content_digest(self) -> str:
+        """SHA-256 of what a model sees and is graded on (every field but the id, and the image's
+        bytes): equal for two samples that are the same question whatever their ids."""
+        fields = self.sample.model_dump(exclude={"id", "image"})
+        image = hashlib.sha256(self.image_path.read_bytes()).hexdigest() if self.image_path else None
+        return hashlib.sha256(json.dumps([fields, image], sort_keys=True).encode()).hexdigest()
+
 
 class DataError(ValueError):
     """A data file that cannot be used as it is; the message names the file, line and field."""

@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..stats import Estimate, bootstrap, proportion
+from ..stats import Estimate, mean_of_proportions, proportion, stratified_bootstrap
 from .normalize import answer_matches
 from .schema import Sample
 
@@ -68,51 +68,69 @@ def mf_ratio_of(samples: Sequence[Sample], follows: Sequence[bool]) -> float | N
     return mf_ratio({f: _ratio(hits[f], totals[f]) for f in totals})
 
 
-def _mf_of_arrays(is_image: np.ndarray, hits: np.ndarray) -> float:
-    by_follow = [float(hits[mask].mean()) for mask in (is_image == 1, is_image == 0) if mask.any()]
+def _mf(follow: np.ndarray, hits: np.ndarray) -> float:
+    """:func:`mf_ratio` of arrays: follow (1.0 image, 0.0 text) and success per conflict."""
+    by_follow = [float(hits[mask].mean()) for mask in (follow == 1, follow == 0) if mask.any()]
     return sum(by_follow) / len(by_follow) if by_follow else math.nan
 
 
-def mf_ratio_estimate(follow: Sequence[str], *arms: Sequence[bool]) -> Estimate:
-    """The MF ratio (:func:`mf_ratio`) of conflicts given each one's instruction (`"image"`/`"text"`) and
-    success, with its 95% interval. Several arms (the same conflicts under several interventions, e.g.
-    random-head draws): the mean of their MF ratios, with a paired bootstrap over the conflicts.
-    One arm of one instruction: that share, with its exact binomial interval; else a bootstrap over the
-    conflicts (:func:`steer_server.stats.bootstrap`).
+def mf_ratio_estimate(follow: Sequence[str], hits: Sequence[bool]) -> Estimate:
+    """The MF ratio (:func:`mf_ratio`) of conflicts given each one's instruction (`"image"`/`"text"`)
+    and success, with its 95% interval: the exact binomial interval for one instruction, else the
+    Jeffreys interval of the mean of the instructions' shares
+    (:func:`steer_server.stats.mean_of_proportions`).
 
     Raises:
-        ValueError: no arm, or an arm of another length than `follow`.
+        ValueError: outcomes of another length than `follow`.
     """
-    if not arms or any(len(arm) != len(follow) for arm in arms):
-        raise ValueError("every arm needs one outcome per conflict")
-    if len(arms) == 1 and len(set(follow)) == 1:
-        return proportion(sum(map(bool, arms[0])), len(follow))
-    is_image = [1.0 if f == "image" else 0.0 for f in follow]
-
-    def mean_mf(flags: np.ndarray, *hits: np.ndarray) -> float:
-        return sum(_mf_of_arrays(flags, h) for h in hits) / len(hits)
-
-    return bootstrap(mean_mf, [is_image, *[[float(h) for h in arm] for arm in arms]])
+    if len(hits) != len(follow):
+        raise ValueError("every conflict needs one outcome")
+    counts = {mode: [0, 0] for mode in sorted(set(follow))}
+    for mode, hit in zip(follow, hits, strict=True):
+        counts[mode][0] += bool(hit)
+        counts[mode][1] += 1
+    return mean_of_proportions([(k, n) for k, n in counts.values()])
 
 
-def mf_relative_drop(follow: Sequence[str], base: Sequence[bool], arms: Sequence[Sequence[bool]]) -> Estimate:
-    """``(MF(base) - mean over arms of MF(arm)) / MF(base)``: the relative drop of the MF ratio under an
-    intervention (several arms: e.g. random-head draws, averaged), measured on the same conflicts, with a
-    paired 95% bootstrap interval over the conflicts.
+def _mean_mf(flag: np.ndarray, matrix: np.ndarray) -> float:
+    return sum(_mf(flag, matrix[:, d]) for d in range(matrix.shape[1])) / matrix.shape[1]
+
+
+def mf_ratio_over_draws(follow: Sequence[str], draws: Sequence[Sequence[bool]]) -> Estimate:
+    """The mean MF ratio of the same conflicts under several interventions (e.g. random-head draws; one
+    outcome list per draw), with a two-level bootstrap over conflicts (within each instruction) and draws
+    (:func:`steer_server.stats.stratified_bootstrap`): the interval covers the draws' variation.
 
     Raises:
-        ValueError: arms of another length than `base`.
+        ValueError: no draw, or a draw of another length than `follow`.
     """
-    if any(len(arm) != len(base) for arm in arms) or not arms:
-        raise ValueError("every arm needs one outcome per conflict of the baseline")
-    is_image = [1.0 if f == "image" else 0.0 for f in follow]
+    if not draws or any(len(d) != len(follow) for d in draws):
+        raise ValueError("every draw needs one outcome per conflict")
+    flags = [1.0 if f == "image" else 0.0 for f in follow]
+    return stratified_bootstrap(_mean_mf, [flags], follow, draws=np.asarray(draws, dtype=float).T.tolist())
 
-    def drop(flags: np.ndarray, base_hits: np.ndarray, *arm_hits: np.ndarray) -> float:
-        before = _mf_of_arrays(flags, base_hits)
-        after = sum(_mf_of_arrays(flags, hits) for hits in arm_hits) / len(arm_hits)
-        return (before - after) / before if before else math.nan
 
-    return bootstrap(drop, [is_image, [float(h) for h in base], *[[float(h) for h in arm] for arm in arms]])
+def mf_relative_drop(
+    follow: Sequence[str], base: Sequence[bool], blocked: Sequence[Sequence[bool]]
+) -> Estimate:
+    """``(MF(base) - mean over draws of MF(blocked draw)) / MF(base)``: the relative drop of the MF ratio
+    under an intervention (`blocked`: one outcome list per draw, one draw for a fixed intervention),
+    measured on the same conflicts, with a paired bootstrap over conflicts within each instruction and,
+    with several draws, over the draws too (:func:`steer_server.stats.stratified_bootstrap`).
+
+    Raises:
+        ValueError: draws of another length than `base`.
+    """
+    if not blocked or any(len(arm) != len(base) for arm in blocked) or len(base) != len(follow):
+        raise ValueError("every draw needs one outcome per conflict of the baseline")
+    flags = [1.0 if f == "image" else 0.0 for f in follow]
+
+    def drop(flag: np.ndarray, base_hits: np.ndarray, matrix: np.ndarray) -> float:
+        before = _mf(flag, base_hits)
+        return (before - _mean_mf(flag, matrix)) / before if before else math.nan
+
+    matrix = np.asarray(blocked, dtype=float).T.tolist()
+    return stratified_bootstrap(drop, [flags, [float(h) for h in base]], follow, draws=matrix)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.schema import LoadedSample, Sample, load_samples
-from ..data.scoring import is_success, mf_ratio_estimate, mf_relative_drop
+from ..data.scoring import is_success, mf_ratio_estimate, mf_ratio_over_draws, mf_relative_drop
 from ..profile import MODES, Profile, load_profile
 from ..serving.launcher import VllmServer
 from ..stats import Estimate, proportion
@@ -133,7 +133,7 @@ def measure(
             "relative_drop": mf_relative_drop(follow, base_hits, [top_hits]).as_dict(),
         },
         "block_random": {
-            "mf_ratio": mf_ratio_estimate(follow, *random_hits).as_dict(),
+            "mf_ratio": mf_ratio_over_draws(follow, random_hits).as_dict(),
             "relative_drop": mf_relative_drop(follow, base_hits, random_hits).as_dict(),
             "draws": len(random_hits),
         },
