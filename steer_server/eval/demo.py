@@ -202,10 +202,12 @@ def splits_statement(profile: Profile) -> str:
     if not splits:
         return "the profile does not record its splits (made before modality-steer recorded them)"
     selection, report = splits["selection"], splits["report"]
+    overlap = splits.get("report_samples_identical_to_selection_samples", {}).get("samples", 0)
+    repeated = f"; {overlap} of them content-identical to selection samples" if overlap else ""
     return (
         f"chosen on the selection split ({selection['data']}, {selection['samples']} samples): "
         f"{', '.join(selection['used_for'])}; every figure below comes from the report split "
-        f"({report['data']}, {report['samples']} samples), which no choice saw"
+        f"({report['data']}, {report['samples']} samples{repeated}), which no choice saw"
     )
 
 
