@@ -41,12 +41,23 @@ typecheck: venv
 test: lint
 	$(BIN)/pytest
 
-# Performance runs (not in CI): the kernel (Triton figures need a CUDA GPU) and throughput against plain vLLM.
+# Performance runs (not in CI; about 45 minutes on 2 quiet CPU cores, nothing else running): each step writes
+# benchmarks/<name>.json, then report.py writes benchmarks/RESULTS.md from them. On a CUDA machine the kernel
+# is also measured on the GPU (benchmarks/kernel_bench.json); a kernel_bench.json from a GPU run dropped into
+# benchmarks/ is kept, never overwritten by the CPU run. Steps: the kernel on CPU (under 1 min), the plugin's
+# own cost in one process and the configurations sweep (5 min), engines side by side with an A/A arm (16 min),
+# vLLM's `bench serve` against the toy server (2 min), the analysis at three model sizes (15 min), load (3 min).
 bench: venv
-	$(BIN)/python benchmarks/kernel_bench.py --json benchmarks/kernel_bench.json
-	$(BIN)/python benchmarks/throughput.py --json benchmarks/throughput.json
+	$(BIN)/python benchmarks/kernel_bench.py --device cpu --quick --json benchmarks/kernel_bench_cpu.json
+	if $(BIN)/python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then \
+		$(BIN)/python benchmarks/kernel_bench.py --device cuda --json benchmarks/kernel_bench.json; fi
+	$(BIN)/python benchmarks/throughput.py --part cost --json benchmarks/plugin_cost.json
+	$(BIN)/python benchmarks/throughput.py --part ab --json benchmarks/engine_ab.json
+	$(BIN)/python benchmarks/bench_serve.py --json benchmarks/bench_serve.json
+	$(BIN)/python benchmarks/analysis_scaling.py --json benchmarks/analysis_scaling.json
 	MODALITY_STEER_LOAD_REQUESTS=200 MODALITY_STEER_LOAD_JSON=benchmarks/load.json \
 		$(BIN)/python -m pytest -q -s tests/test_hardening.py -k concurrent_mixed_load
+	$(BIN)/python benchmarks/report.py
 
 # Re-derive the shipped toy profile, its plots and its logit lens from the synthetic splits (10-20 minutes on 2 cores):
 # heads and the default gain are chosen on the validation split; every reported figure comes from the test split.

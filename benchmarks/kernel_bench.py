@@ -108,7 +108,14 @@ def run(device: str, dtype: torch.dtype, quick: bool) -> dict[str, object]:
         if device == "cuda"
         else f"CPU ({platform.processor() or platform.machine()})"
     )
-    return {"device": device_name, "dtype": str(dtype), "torch": torch.__version__, "rows": rows}
+    return {
+        "platform": device,
+        "device": device_name,
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "quick": quick,
+        "rows": rows,
+    }
 
 
 def _line(row: dict[str, object]) -> str:
