@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 from helpers import MINIMAL_PROFILE
@@ -96,11 +97,10 @@ def test_fingerprint_changes_with_the_model(tiny_llava, tmp_path):
 
 
 def test_profiles_without_attention_layers_keep_their_id():
-    """`attention_layers` (hybrid models) is left out of the id when unset: the shipped profile's id is the
-    one it had before the field existed."""
-    from steer_server.eval.demo import toy_profile_path
-
-    assert load_profile(toy_profile_path()).profile_id == "3cd7ac40d51e"
+    """`attention_layers` (hybrid models) is left out of the id when unset: a profile written before the
+    field existed (the toy profile shipped then, kept as test data) keeps the id it had then."""
+    before = Path(__file__).parent / "data" / "toy-profile-before-attention-layers.json"
+    assert load_profile(before).profile_id == "3cd7ac40d51e"
     hybrid = copy.deepcopy(MINIMAL)
     hybrid["model"]["attention_layers"] = [1, 5, 6]
     assert Profile.model_validate(hybrid).profile_id != Profile.model_validate(MINIMAL).profile_id
