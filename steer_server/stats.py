@@ -69,14 +69,13 @@ class Estimate:
         low, high = data["ci95"]
         return cls(data["value"], low, high, int(data["n"]), str(data["method"]))
 
-    def percent(self, signed: bool = False, digits: int = 0) -> str:
-        """``"72% [55, 85] (n=32)"``; ``signed`` prefixes a sign (for changes)."""
+    def percent(self, digits: int = 0) -> str:
+        """``"72% [55, 85] (n=32)"`` (`digits` decimals)."""
         if self.value is None or self.low is None or self.high is None:
             return f"n/a (n={self.n})"
-        sign = "+" if signed else ""
         return (
-            f"{100 * self.value:{sign}.{digits}f}% "
-            f"[{100 * self.low:{sign}.{digits}f}, {100 * self.high:{sign}.{digits}f}] (n={self.n})"
+            f"{100 * self.value:.{digits}f}% [{100 * self.low:.{digits}f}, {100 * self.high:.{digits}f}] "
+            f"(n={self.n})"
         )
 
 
