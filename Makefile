@@ -7,7 +7,7 @@ LOCK := requirements.lock
 # The venv is rebuilt when the lock file or the package metadata (entry points) change.
 STAMP := $(VENV)/.stamp-$(shell cat $(LOCK) pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: venv demo test lint format typecheck bench toy-profile clean
+.PHONY: venv demo test lint format typecheck bench toy-profile vllm-compat clean
 
 venv: $(STAMP)
 
@@ -65,6 +65,18 @@ toy-profile: venv
 	$(BIN)/modality-steer data synth --out build/toydata --n 6000 --seed 0
 	$(BIN)/modality-steer analyze steer_server/toy/checkpoint --data build/toydata/validation.jsonl \
 		--eval-data build/toydata/test.jsonl --out profiles/toy-llava.json --plots profiles
+
+# Check every row of the vLLM adapter against the installed vLLM and the Python sources of the vLLM 0.33 and 0.34
+# wheels (downloaded from the package registry into build/vllm-wheels, ~575 MB, kept for later runs; not in CI).
+# Writes docs/vllm-compat.md; fails when a row that applies to a version does not match it.
+VLLM_COMPAT_VERSIONS ?= 0.33.0 0.34.0
+vllm-compat: venv
+	mkdir -p build/vllm-wheels
+	for v in $(VLLM_COMPAT_VERSIONS); do \
+		ls build/vllm-wheels/vllm-$$v-*.whl >/dev/null 2>&1 || \
+		$(BIN)/python -m pip download --quiet --no-deps --dest build/vllm-wheels vllm==$$v || exit 1; done
+	$(BIN)/python -m steer_server.serving.vllm_adapter.compat --markdown docs/vllm-compat.md \
+		$$(for v in $(VLLM_COMPAT_VERSIONS); do echo --wheel $$(ls build/vllm-wheels/vllm-$$v-*.whl); done)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,23 +1,26 @@
 """Time inside the plugin's hooks, measured from the outside in an in-process vLLM engine.
 
-The plugin (`steer_server/serving/worker.py`) is not edited: after the engine has loaded, the benchmark
-wraps, by name and at run time, the callables through which the plugin does its work, with
+The plugin is not edited: after the engine has loaded, the benchmark wraps, by name and at run time, the
+callables through which the plugin does its work (vLLM's originals reached by their row of the vLLM
+adapter, `steer_server/serving/vllm_adapter/table.py`, `original` / `stand_in`), with
 `time.perf_counter` timers (the CPU backend is synchronous, so host time is the work's time; on a GPU
 these timers would see kernel launches only):
 
 - step: the model runner's ``execute_model`` and ``sample_tokens`` (vLLM 0.32's V1 runner splits a step
   in two), wrapped on the runner instance;
-- slot fill: ``WorkerSteering.begin_step`` (called by the plugin's ``_prepare_inputs`` wrapper);
-- release: ``WorkerSteering.release`` (called by the plugin's ``_update_states`` wrapper);
+- slot fill: ``WorkerSteering.set_step`` (ledger key ``steer.begin_step``; called by the plugin's
+  ``_prepare_inputs`` hook of the V1 runner);
+- release: ``WorkerSteering.forget`` (ledger key ``steer.release``; ``keep_only`` calls it from the
+  ``_update_states`` hook);
 - the two runner-method wrappers themselves: the plugin's ``_prepare_inputs`` and ``_update_states``
-  wrappers are timed as a whole, and the original vLLM method each one calls (found in the wrapper's
-  closure: the function of the same name) is timed inside it; wrapper minus original is the hook's cost
-  (the slot fill or release included);
+  wrappers are timed as a whole, and the original vLLM method each one calls (the adapter's original of
+  rows ``v1._prepare_inputs`` / ``v1._update_states``, stood in for by a timed version) is timed inside
+  it; wrapper minus original is the hook's cost (the slot fill or release included);
 - the attention wrapper: every attention layer whose backend ``impl`` carries an instance ``forward``
   (the plugin's wrapper; unsteered layers have none) is timed as a whole, and the backend forward it
-  calls (found in the wrapper's closure: the bound method whose ``__self__`` is that ``impl``) is timed
-  inside it; wrapper minus backend is the plugin's own cost per layer, the head-scaling kernel
-  included. The kernel call (the closure's ``head_scale_``) is timed too, for the breakdown;
+  calls (the wrapper's ``original`` attribute, looked up per call) is timed inside it; wrapper minus
+  backend is the plugin's own cost per layer, the head-scaling kernel included. The kernel call
+  (``head_scale_``, looked up in its module per call) is timed too, for the breakdown;
 - the method's floor: the attention layers the plugin leaves alone get a wrapper that only calls the
   backend, timed the same way; its time minus the backend's is what the accounting itself reads on a
   wrapper that does nothing (timers, and on a busy machine whatever lands right after the backend's
@@ -76,32 +79,20 @@ def timed(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
     return wrapper
 
 
-def _replace_in_closure(wrapper: Callable[..., Any], matches: Callable[[Any], bool], key: str) -> bool:
-    """Replace the first closure cell of `wrapper` whose content `matches` by a timed version of it;
-    whether one was found."""
-    for cell in getattr(wrapper, "__closure__", None) or ():
-        try:
-            content = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if callable(content) and matches(content):
-            cell.cell_contents = timed(content, key)
-            return True
-    return False
-
-
 def _split_runner_method(runner: Any, name: str, key: str) -> None:
-    """Time the plugin's wrapper of `runner.<name>` (``hook.<...>``) and, inside it, vLLM's original
-    method (``<key>.original``).
+    """Time the plugin's wrapper of `runner.<name>` (``<key>``) and, inside it, vLLM's original method
+    (``<key>.original``), reached through the adapter's row ``v1.<name>``.
 
     Raises:
-        RuntimeError: the method is not the plugin's wrapper, or its closure holds no function `name`.
+        RuntimeError: the method is not the plugin's wrapper.
     """
+    from steer_server.serving.vllm_adapter import table
+
+    row = f"v1.{name}"
     wrapper = getattr(type(runner), name)
-    if not getattr(wrapper, "_modality_steer", False):
-        raise RuntimeError(f"{type(runner).__name__}.{name} is not wrapped by the plugin")
-    if not _replace_in_closure(wrapper, lambda f: getattr(f, "__name__", None) == name, f"{key}.original"):
-        raise RuntimeError(f"the plugin's {name} wrapper holds no original {name} in its closure")
+    if getattr(wrapper, "_modality_steer", None) != row:
+        raise RuntimeError(f"{type(runner).__name__}.{name} is not wrapped by the plugin (row {row})")
+    table.stand_in(row, timed(table.original(row), f"{key}.original"))
     # An instance attribute shadows the class's function: only this runner's calls are timed.
     setattr(runner, name, timed(getattr(runner, name), key))
 
@@ -121,7 +112,7 @@ def _split_attention(runner: Any) -> int:
     """Time every wrapped attention backend; the number of steered layers found.
 
     Raises:
-        RuntimeError: a wrapper whose closure holds no bound forward of its backend.
+        RuntimeError: a backend forward that is not the plugin's wrapper.
     """
     from steer_server.kernels import head_scale
     from vllm.model_executor.layers.attention import Attention
@@ -135,15 +126,13 @@ def _split_attention(runner: Any) -> int:
             impl.forward = timed(_null_wrapper(timed(impl.forward, "null.backend")), "null.outer")
             continue
         wrapper = vars(impl)["forward"]
-
-        def is_backend(f: Any, impl: Any = impl) -> bool:
-            return getattr(f, "__self__", None) is impl
-
-        if not _replace_in_closure(wrapper, is_backend, "attention.backend"):
-            raise RuntimeError(f"{name}: the attention wrapper's closure holds no backend forward")
-        _replace_in_closure(wrapper, lambda f: f is head_scale.head_scale_, "attention.kernel")
+        if getattr(wrapper, "_modality_steer", None) != "attention.impl.forward":
+            raise RuntimeError(f"{name}: the backend's forward is not the plugin's wrapper")
+        wrapper.original = timed(wrapper.original, "attention.backend")
         impl.forward = timed(wrapper, "hook.attention")
         layers += 1
+    if layers and not hasattr(head_scale.head_scale_, "__wrapped__"):
+        head_scale.head_scale_ = timed(head_scale.head_scale_, "attention.kernel")  # type: ignore[assignment]
     return layers
 
 
@@ -161,7 +150,7 @@ def install(worker: Any) -> dict[str, Any]:
     _split_runner_method(runner, "_prepare_inputs", "hook.prepare_inputs")
     _split_runner_method(runner, "_update_states", "hook.update_states")
     cls = steer_worker.WorkerSteering
-    for method, key in (("begin_step", "steer.begin_step"), ("release", "steer.release")):
+    for method, key in (("set_step", "steer.begin_step"), ("forget", "steer.release")):
         setattr(cls, method, timed(getattr(cls, method), key))
     layers = _split_attention(runner)
     if layers == 0:

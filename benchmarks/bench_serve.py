@@ -7,7 +7,7 @@ Starts ``modality-steer serve`` on the embedded toy model with its shipped profi
 (`profiles/toy-llava.json`, eager, float32), then runs vLLM's benchmark client through vLLM's CLI
 module (the `vllm` console script of the CPU wheel crashes)::
 
-    python -m steer_server.serving.vllm_cli bench serve --backend openai --base-url URL --model MODEL \
+    python -m steer_server.serving.vllm_adapter.cli bench serve --backend openai --base-url URL --model MODEL \
         --tokenizer MODEL --dataset-name random --random-input-len 64 --random-output-len 16 \
         --num-prompts 64 --max-concurrency 16 --ignore-eos --seed 0 \
         [--extra-body '{"modality_steer": "text"}']
@@ -55,7 +55,7 @@ def bench_command(
     command = [
         sys.executable,
         "-m",
-        "steer_server.serving.vllm_cli",
+        "steer_server.serving.vllm_adapter.cli",
         "bench",
         "serve",
         "--backend",

@@ -192,7 +192,7 @@ def analyze(
 
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    epilog="Every other option is passed to `vllm serve` (run as python -m steer_server.serving.vllm_cli serve): "
+    epilog="Every other option is passed to `vllm serve` (run as python -m steer_server.serving.vllm_adapter.cli serve): "
     "--api-server-count, --data-parallel-size, --pipeline-parallel-size, --headless and the rest are vLLM's own.",
 )
 def serve(
@@ -222,17 +222,17 @@ def serve(
     """Serve MODEL with vLLM's OpenAI-compatible server and per-request head steering."""
     import os
 
-    from .serving import vllm_cli
-    from .serving.plugin import ENTRY_POINT_NAME
     from .serving.policy import policy
     from .serving.settings import (
         ALLOW_RAW_HEADS_ENV,
         DEFAULT_STEER_ENV,
         ENFORCE_STEER_ENV,
+        ENTRY_POINT_NAME,
         INJECT_INSTRUCTION_ENV,
         INSTRUCTION_ENV,
         MAX_GAIN_ENV,
         PROFILE_ENV,
+        VLLM_CLI_MODULE,
         SteeringConfigError,
         settings,
     )
@@ -269,7 +269,7 @@ def serve(
     except SteeringConfigError as exc:
         _fail(str(exc))
     assert current is not None
-    command = [sys.executable, "-m", vllm_cli.__name__, "serve", model, *ctx.args]
+    command = [sys.executable, "-m", VLLM_CLI_MODULE, "serve", model, *ctx.args]
     typer.echo(f"modality-steer: profile {current.profile.profile_id} ({profile}); starting vLLM", err=True)
     os.execvp(command[0], command)
 

@@ -6,7 +6,7 @@ import importlib
 import platform
 from importlib.metadata import PackageNotFoundError, version
 
-from .serving.plugin import ENTRY_POINT_GROUP, ENTRY_POINT_NAME, entry_point_registered
+from .serving.settings import ENTRY_POINT_GROUP, ENTRY_POINT_NAME, entry_point_registered
 
 PACKAGES = ("torch", "torchvision", "vllm", "transformers", "triton")
 

@@ -84,50 +84,91 @@ def test_forged_salt_of_the_old_scheme_is_hashed():
 
 
 def _config(**overrides: Any) -> SimpleNamespace:
+    """A `VllmConfig` stand-in with the attributes the adapter reads (rows ``config.*``)."""
     base = {
         "speculative_config": None,
-        "parallel_config": SimpleNamespace(enable_dbo=False, ubatch_size=0),
+        "parallel_config": SimpleNamespace(enable_dbo=False, ubatch_size=0, prefill_context_parallel_size=1),
         "model_config": SimpleNamespace(use_mla=False),
         "compilation_config": SimpleNamespace(pass_config=SimpleNamespace(fuse_attn_quant=False)),
-        "use_v2_model_runner": False,
     }
     base.update(overrides)
     return SimpleNamespace(**base)
 
 
+def _runner(kind: str) -> Any:
+    """An instance of vLLM's real V1 or V2 runner class (never initialised: only its class is read)."""
+    import importlib
+
+    from steer_server.serving.vllm_adapter import table
+
+    module = importlib.import_module(table.V1_RUNNER if kind == "V1" else table.V2_RUNNER)
+    return object.__new__(module.GPUModelRunner)
+
+
+PARALLEL = {"enable_dbo": False, "ubatch_size": 0, "prefill_context_parallel_size": 1}
 REFUSALS = [
-    ({}, 8, 2048, None),
-    ({"use_v2_model_runner": True}, 8, 2048, "V2 model runner"),
-    ({"parallel_config": SimpleNamespace(enable_dbo=True, ubatch_size=0)}, 8, 2048, "micro-batching"),
-    ({"parallel_config": SimpleNamespace(enable_dbo=False, ubatch_size=2)}, 8, 2048, "micro-batching"),
-    ({"model_config": SimpleNamespace(use_mla=True)}, 8, 2048, "MLA attention"),
+    ({}, "V1", 8, 2048, None),
+    ({}, "V2", 8, 2048, None),
+    (
+        {"parallel_config": SimpleNamespace(**{**PARALLEL, "enable_dbo": True})},
+        "V2",
+        8,
+        2048,
+        "micro-batching",
+    ),
+    ({"parallel_config": SimpleNamespace(**{**PARALLEL, "ubatch_size": 2})}, "V1", 8, 2048, "micro-batching"),
+    ({"model_config": SimpleNamespace(use_mla=True)}, "V2", 8, 2048, "MLA attention"),
     (
         {"compilation_config": SimpleNamespace(pass_config=SimpleNamespace(fuse_attn_quant=True))},
+        "V1",
         8,
         2048,
         "fused FP8",
     ),
-    ({}, 129, 2048, "129 attention heads per rank"),
-    ({}, 8, 70000, "70000 tokens per step"),
+    (
+        {"speculative_config": SimpleNamespace(method="eagle", enable_adaptive_verification=True)},
+        "V2",
+        8,
+        2048,
+        "adaptive draft verification",
+    ),
+    (
+        {"parallel_config": SimpleNamespace(**{**PARALLEL, "prefill_context_parallel_size": 2})},
+        "V2",
+        8,
+        2048,
+        "prefill context parallel",
+    ),
+    ({}, "V1", 129, 2048, "129 attention heads per rank"),
+    ({}, "V2", 8, 70000, "70000 tokens per step"),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "heads", "tokens", "needle"), REFUSALS)
-def test_engine_refusals_name_the_configuration(overrides, heads, tokens, needle):
-    found = engine_refusals(_config(**overrides), heads, tokens)
+@pytest.mark.slow  # imports vLLM
+@pytest.mark.parametrize(("overrides", "runner", "heads", "tokens", "needle"), REFUSALS)
+def test_engine_refusals_name_the_configuration(overrides, runner, heads, tokens, needle):
+    """Refusals are read from what vLLM built: the config and the runner class found at load."""
+    from steer_server.serving.vllm_adapter.hooks import engine_facts
+
+    facts = engine_facts(_config(**overrides), _runner(runner))
+    assert facts.runner == runner
+    found = engine_refusals(facts, heads, tokens)
     if needle is None:
         assert found == []
     else:
         assert len(found) == 1 and needle in found[0], found
 
 
+@pytest.mark.slow  # imports vLLM
 def test_the_rust_front_end_is_refused_by_name(monkeypatch):
     """vLLM's Rust front-end serves HTTP without the API server's app and request builders."""
+    from steer_server.serving.vllm_adapter.hooks import engine_facts
+
     monkeypatch.setenv("VLLM_USE_RUST_FRONTEND", "1")
-    found = engine_refusals(_config(), 8, 2048)
+    found = engine_refusals(engine_facts(_config(), _runner("V2")), 8, 2048)
     assert len(found) == 1 and "Rust front-end" in found[0], found
     monkeypatch.setenv("VLLM_USE_RUST_FRONTEND", "0")
-    assert engine_refusals(_config(), 8, 2048) == []
+    assert engine_refusals(engine_facts(_config(), _runner("V2")), 8, 2048) == []
 
 
 def test_a_drafter_running_the_targets_attention_is_refused_by_name():
@@ -136,28 +177,43 @@ def test_a_drafter_running_the_targets_attention_is_refused_by_name():
     from torch import nn
 
     from steer_server.serving.settings import SteeringConfigError
-    from steer_server.serving.worker import _check_drafter
+    from steer_server.serving.worker import check_drafter
 
     target_layers = {0: nn.Linear(2, 2), 1: nn.Linear(2, 2)}
-    spec = SimpleNamespace(speculative_config=SimpleNamespace(method="mtp"))
-    own = SimpleNamespace(drafter=SimpleNamespace(model=nn.Sequential(nn.Linear(2, 2))), vllm_config=spec)
-    shared = SimpleNamespace(drafter=SimpleNamespace(model=nn.Sequential(target_layers[1])), vllm_config=spec)
-    for runner in (SimpleNamespace(), SimpleNamespace(drafter=object()), own):  # none, n-gram, own layers
-        _check_drafter(runner, target_layers)
+    for drafter in (None, object(), nn.Sequential(nn.Linear(2, 2))):  # none, n-gram, own layers
+        check_drafter(drafter, target_layers, "mtp")
     with pytest.raises(SteeringConfigError, match="method 'mtp'"):
-        _check_drafter(shared, target_layers)
+        check_drafter(nn.Sequential(target_layers[1]), target_layers, "mtp")
 
 
+@pytest.mark.slow  # imports vLLM
+def test_the_drafter_is_found_on_either_runner():
+    """V1 keeps its drafter in `runner.drafter`, V2 in `runner.speculator` (a check that looked only at
+    `drafter` would pass silently on V2)."""
+    from torch import nn
+
+    from steer_server.serving.vllm_adapter.hooks import drafter_model
+
+    model = nn.Linear(2, 2)
+    assert drafter_model(SimpleNamespace(speculator=SimpleNamespace(model=model))) is model
+    assert drafter_model(SimpleNamespace(drafter=SimpleNamespace(model=model))) is model
+    assert drafter_model(SimpleNamespace(speculator=None, drafter=object())) is None
+
+
+@pytest.mark.slow  # imports vLLM
 def test_a_worker_without_steering_says_why():
-    """The V2 runner cannot be forced on the CPU backend (vLLM then refuses: it needs Triton on a GPU); a
-    worker whose runner the plugin did not set up names the reason in the handshake."""
+    """A worker whose runner the plugin did not set up (an unknown runner class, or one refused) names
+    its runner class and the refusals its configuration meets in the handshake."""
     from steer_server.serving.settings import SteeringConfigError
-    from steer_server.serving.worker import report_worker_state
+    from steer_server.serving.vllm_adapter.hooks import report_worker_state
 
-    for runner_v2, needle in ((True, "V2 model runner"), (False, "was not set up for steering")):
-        worker = SimpleNamespace(model_runner=object(), vllm_config=_config(use_v2_model_runner=runner_v2))
+    config = _config(speculative_config=SimpleNamespace(method="eagle", enable_adaptive_verification=True))
+    for runner, needle in (
+        (_runner("V2"), r"gpu\.model_runner\.GPUModelRunner\).*adaptive draft verification"),
+        (object(), r"builtins\.object\) was not set up for steering$"),
+    ):
         with pytest.raises(SteeringConfigError, match=needle):
-            report_worker_state(worker)
+            report_worker_state(SimpleNamespace(model_runner=runner, vllm_config=config))
 
 
 def test_handshake_refuses_an_unarmed_or_silent_worker(monkeypatch, llava_profile):
@@ -177,10 +233,13 @@ def test_handshake_refuses_an_unarmed_or_silent_worker(monkeypatch, llava_profil
                 raise self.answer
             return self.answer
 
+    async def states(engine: Engine) -> Any:
+        return await engine.collective_rpc("modality_steer_state")
+
     try:
         armed = [{"armed": True, "settings_id": settings_id}]
-        assert asyncio.run(require_armed_workers(Engine(armed))) == armed
-        assert asyncio.run(require_armed_workers(None)) == []  # a render-only server has no engine
+        assert asyncio.run(require_armed_workers(Engine(armed), states)) == armed
+        assert asyncio.run(require_armed_workers(None, states)) == []  # a render-only server has no engine
         for answer, needle in (
             (RuntimeError("no such method modality_steer_state"), "did not report steering armed"),
             ([{"armed": True, "settings_id": settings_id.replace(":8.0:", ":2.0:")}], "not armed"),
@@ -188,7 +247,7 @@ def test_handshake_refuses_an_unarmed_or_silent_worker(monkeypatch, llava_profil
             ([], "not armed"),
         ):
             with pytest.raises(SteeringConfigError, match=needle):
-                asyncio.run(require_armed_workers(Engine(answer)))
+                asyncio.run(require_armed_workers(Engine(answer), states))
     finally:
         settings_module.settings.cache_clear()
 
@@ -291,19 +350,20 @@ def test_enforcement_compares_what_specs_do_not_how_they_are_written(llava_profi
 
 
 def test_the_handshake_runs_before_vllm_serves(monkeypatch, llava_profile):
-    """`patch_api_server` puts the handshake where vLLM finishes the app's state: an unarmed worker stops
-    the start."""
+    """The adapter puts the handshake where vLLM finishes the app's state (row
+    ``api.init_endpoint_plugins_state``): an unarmed worker stops the start."""
     from vllm.entrypoints.launchers.api_server import app_state
 
     from steer_server.serving import settings as settings_module
-    from steer_server.serving.api import patch_api_server
     from steer_server.serving.settings import SteeringConfigError
+    from steer_server.serving.vllm_adapter import hooks, table
 
     monkeypatch.setenv("MODALITY_STEER_PROFILE", str(llava_profile))
     settings_module.settings.cache_clear()
-    monkeypatch.setattr(app_state, "init_endpoint_plugins_state", app_state.init_endpoint_plugins_state)
+    key = "api.init_endpoint_plugins_state"
+    was_installed = table.installed(key)
     try:
-        patch_api_server()
+        table.install(key, hooks._init_endpoint_plugins_state)
 
         class Unarmed:
             async def collective_rpc(self, method: str) -> list[dict[str, Any]]:
@@ -314,6 +374,8 @@ def test_the_handshake_runs_before_vllm_serves(monkeypatch, llava_profile):
                 app_state.init_endpoint_plugins_state(Unarmed(), SimpleNamespace(), SimpleNamespace())
             )
     finally:
+        if not was_installed:
+            table.uninstall(key)
         settings_module.settings.cache_clear()
 
 

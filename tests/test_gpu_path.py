@@ -389,21 +389,18 @@ def test_worker_warms_up_the_kernel_on_cuda_only(monkeypatch):
         SimpleNamespace(num_heads=4, head_size=32),
         SimpleNamespace(num_heads=4, head_size=64, head_size_v=48),  # the output's width is head_size_v
     ]
-    assert worker._warm_up_kernel(torch.device("cpu"), torch.bfloat16, layers, 512) == 0
+    assert worker.warm_up_kernel(torch.device("cpu"), torch.bfloat16, layers, 512) == 0
     assert calls == []
     cuda = torch.device("cuda", 1)
-    assert worker._warm_up_kernel(cuda, torch.bfloat16, layers, 512) == 14
+    assert worker.warm_up_kernel(cuda, torch.bfloat16, layers, 512) == 14
     assert calls == [(4, 32, torch.bfloat16, cuda, 512), (4, 48, torch.bfloat16, cuda, 512)]
-    assert worker._warm_up_kernel(cuda, torch.bfloat16, [], 512) == 0  # nothing steered on this stage
+    assert worker.warm_up_kernel(cuda, torch.bfloat16, [], 512) == 0  # nothing steered on this stage
 
 
-@pytest.mark.slow  # imports vLLM
 def test_worker_stages_the_slot_map_and_warms_up_at_load(monkeypatch, tmp_path):
-    """`WorkerSteering` (what the wrapped `load_model` builds), with a stand-in runner: it hands its
-    device, the model's dtype, the steered layers and the step's token limit to the warm-up, and each
-    step's slot map goes through the two alternating host buffers."""
-    import vllm.distributed
-
+    """`WorkerSteering` (what the adapter builds when the model loads): it hands its device, the model's
+    dtype, the steered layers and the step's token limit to the warm-up, and each step's slot map goes
+    through the two alternating host buffers."""
     from steer_server.profile import load_profile
     from steer_server.serving import worker
     from steer_server.serving.settings import PluginSettings
@@ -428,61 +425,39 @@ def test_worker_stages_the_slot_map_and_warms_up_at_load(monkeypatch, tmp_path):
         )
     )
     plugin = PluginSettings(profile_path, load_profile(profile_path), max_gain=8.0, allow_raw_heads=False)
-    layers = {
-        n: SimpleNamespace(num_heads=4, head_size=32, impl=SimpleNamespace(forward=None)) for n in (0, 1)
-    }
-    monkeypatch.setattr(worker, "_decoder_attention_layers", lambda model: layers)
-    monkeypatch.setattr(vllm.distributed, "get_pp_group", lambda: SimpleNamespace(rank_in_group=0))
-    monkeypatch.setattr(vllm.distributed, "get_tensor_model_parallel_rank", lambda: 0)
-    monkeypatch.setattr(vllm.distributed, "get_tensor_model_parallel_world_size", lambda: 1)
+    layers = {n: SimpleNamespace(num_heads=4, head_size=32) for n in (0, 1)}
     warmed: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(worker, "_warm_up_kernel", lambda *args: warmed.append(args) or 3)
-    parallel = SimpleNamespace(data_parallel_index=0, data_parallel_rank=0, enable_dbo=False, ubatch_size=0)
-    model_config = SimpleNamespace(
-        get_layers_start_end_indices=lambda _: (0, 2),
-        get_total_num_hidden_layers=lambda: 2,
-        dtype=torch.bfloat16,
-        use_mla=False,
-        model=str(tmp_path),
-    )
-    vllm_config = SimpleNamespace(
-        parallel_config=parallel,
-        model_config=model_config,
-        compilation_config=SimpleNamespace(pass_config=None),
-        use_v2_model_runner=False,
-    )
-    runner = SimpleNamespace(
+    monkeypatch.setattr(worker, "warm_up_kernel", lambda *args: warmed.append(args) or 3)
+    place = worker.WorkerPlace(
         device=torch.device("cpu"),
+        dtype=torch.bfloat16,
         max_num_reqs=4,
         max_num_tokens=16,
-        parallel_config=parallel,
-        model_config=model_config,
-        vllm_config=vllm_config,
-        model=None,
+        tp_rank=0,
+        tp_size=1,
+        pp_rank=0,
+        dp_rank=0,
+        stage_layers=(0, 2),
+        total_layers=2,
+        model_path=str(tmp_path),
     )
-    state = worker.WorkerSteering(runner, plugin)
+    facts = worker.EngineFacts("V2", "test.Runner", False, False, False, False, False, 1)
+    state = worker.WorkerSteering(place, plugin, layers, facts)
     assert warmed == [(torch.device("cpu"), torch.bfloat16, [layers[1]], 16)]
     assert state.kernel_variants == 3 and state.steered_layers == [1]
 
-    def params(spec: str | None) -> SimpleNamespace:
-        return SimpleNamespace(
-            sampling_params=SimpleNamespace(extra_args={"modality_steer": spec} if spec else {})
-        )
-
-    runner.requests = {"a": params("image"), "b": params(None), "c": params("text")}
+    for request_id, spec in (("a", "image"), ("b", None), ("c", "text")):
+        state.track(request_id, {"modality_steer": spec} if spec else {})
     staging = state._staging
     assert state.slot_map is staging.slot_map
     host_ptrs = [buffer.data_ptr() for buffer in staging.host]
     written = []
     for order, counts in ((["a", "b", "c"], [3, 2, 1]), (["c", "a"], [1, 1]), (["b", "a"], [4, 2])):
         before = [buffer.clone() for buffer in staging.host]
-        runner.input_batch = SimpleNamespace(num_reqs=len(order), req_ids=order)
-        state.begin_step(runner, counts)
+        state.set_step(order, counts)
         written.append([not torch.equal(b, buffer) for b, buffer in zip(before, staging.host, strict=True)])
         expected = [
-            0 if r == "b" else state._slot_of_digest[state._digest_of_request[r]]
-            for r, n in zip(order, counts, strict=True)
-            for _ in range(n)
+            0 if r == "b" else state.slot_of(r) for r, n in zip(order, counts, strict=True) for _ in range(n)
         ]
         assert state.active and state.slot_map.tolist() == expected + [0] * (16 - len(expected))
     assert written == [[True, False], [False, True], [True, False]]

