@@ -26,6 +26,17 @@ def _version(name: str) -> str:
     return str(found)
 
 
+def _vllm_supported(found: str) -> str:
+    """Whether the plugin would load on vLLM `found` (the range of the vLLM adapter's version gate)."""
+    from .serving.vllm_adapter.table import SUPPORTED_VLLM, version_supported
+
+    return (
+        f"yes ({SUPPORTED_VLLM})"
+        if version_supported(found)
+        else f"NO: the plugin needs vLLM {SUPPORTED_VLLM}"
+    )
+
+
 def report() -> dict[str, str]:
     """Facts as (label → value); the CLI prints them, tests assert on them."""
     import torch
@@ -40,6 +51,7 @@ def report() -> dict[str, str]:
         facts["platform"] = "cpu"
         facts["gpu"] = "none"
         facts["triton kernel"] = "interpreted only (TRITON_INTERPRET=1); serving uses the torch path"
+    facts["vllm supported"] = _vllm_supported(facts["vllm version"])
     registered = entry_point_registered()
     facts["vllm plugin entry point"] = (
         f"registered ({ENTRY_POINT_GROUP}: {ENTRY_POINT_NAME})" if registered else "NOT registered"

@@ -26,6 +26,7 @@ def test_doctor_reports_the_stack():
     for package in ("torch", "torchvision", "transformers", "triton"):
         assert facts[f"{package} version"][0].isdigit(), facts
     assert facts["vllm plugin entry point"] == "registered (vllm.general_plugins: modality_steer)"
+    assert facts["vllm supported"] == "yes (>=0.32,<0.35)"
     if torch.cuda.is_available():
         assert facts["platform"] == "cuda" and facts["triton kernel"] == "compiled (CUDA)"
     else:

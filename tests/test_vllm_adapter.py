@@ -689,3 +689,20 @@ def test_the_state_method_is_added_to_workers_and_removed():
     assert getattr(worker_base, WORKER_STATE_METHOD) is hooks.report_worker_state
     table.uninstall("worker.state_method")
     assert not hasattr(worker_base, WORKER_STATE_METHOD)
+
+
+def test_v2_a_speculator_running_the_targets_attention_is_refused(v2_installed, monkeypatch):
+    """V2 keeps its drafter in `runner.speculator` (V1 in `runner.drafter`): an MTP-style speculator whose
+    model runs the target's attention layers is found there and refused at load, by method."""
+    from steer_server.serving.settings import SteeringConfigError
+
+    v2 = importlib.import_module("vllm.v1.worker.gpu.model_runner").GPUModelRunner
+    runner = _runner(v2)
+    layers = {n: _FakeAttention() for n in range(LAYERS)}
+    monkeypatch.setattr(v2_installed, "decoder_attention_layers", lambda model: layers)
+    runner.speculator = SimpleNamespace(
+        model=SimpleNamespace(named_modules=lambda: [("mtp.layers.0.self_attn.attn", layers[1])])
+    )
+    runner.vllm_config.speculative_config = SimpleNamespace(method="mtp", enable_adaptive_verification=False)
+    with pytest.raises(SteeringConfigError, match=r"method 'mtp'.*mtp\.layers\.0\.self_attn\.attn"):
+        v2_installed.arm(runner)

@@ -61,12 +61,18 @@ INERT_ROUTES = frozenset(
 )
 # Mounted apps that never reach the engine (Prometheus' exposition).
 INERT_MOUNTS = frozenset({"/metrics"})
-# GET: the workers' steering state (slots held, requests tracked); under /v1 so that --api-key guards it.
+# The routes that stay open without the key when the server runs with --api-key: probes that load balancers
+# and scrapers call without credentials, none of which reaches the engine's generation or reads a body.
+# Every other route of the running app, whatever its path, needs the key (closed by default).
+PUBLIC_PROBES = frozenset({"/health", "/ping", "/version", "/metrics"})
+# GET: the workers' steering state (slots held, requests tracked); needs the key under --api-key.
 STATE_PATH = "/v1/modality_steer/state"
 HEADER = b"x-modality-steer"
 MAX_BODY_BYTES = 64 * 2**20
 
 Scope = MutableMapping[str, Any]
+# Whether a request carries one of the server's API keys (`--api-key`, `VLLM_API_KEY`), from its scope.
+Authenticate = Callable[[Scope], bool]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -131,16 +137,29 @@ class RouteTable:
     inert: tuple[str, ...]
     refused: tuple[str, ...]
     routes: tuple[tuple[Any, str], ...]  # (route, kind) in the router's order
+    public: tuple[str, ...] = ()  # of those, the paths open without the key under --api-key
+    methods: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (path, methods; "*": any) per route
 
-    def kind_of(self, scope: Scope) -> str:
-        """ "steered", "inert" or "refused" for a request, matched as the router matches it (the first
-        route that matches fully); "inert" when no route matches (the router answers 404 or 405)."""
+    def _match(self, scope: Scope) -> tuple[Any, str] | None:
+        """The first route that matches `scope` fully, as the router matches it, with its kind."""
         from starlette.routing import Match
 
         for route, kind in self.routes:
             if route.matches(scope)[0] == Match.FULL:
-                return kind
-        return "inert"
+                return route, kind
+        return None
+
+    def kind_of(self, scope: Scope) -> str:
+        """ "steered", "inert" or "refused" for a request, matched as the router matches it (the first
+        route that matches fully); "inert" when no route matches (the router answers 404 or 405)."""
+        found = self._match(scope)
+        return "inert" if found is None else found[1]
+
+    def is_public(self, scope: Scope) -> bool:
+        """Whether a request may pass without the API key: it matches, as the router matches it, a route
+        whose path is one of :data:`PUBLIC_PROBES` (a request no route matches is not public)."""
+        found = self._match(scope)
+        return found is not None and getattr(found[0], "path", None) in PUBLIC_PROBES
 
     def describes(self, app: Any) -> bool:
         """Whether the table is still that of `app`'s routes (a route added later rebuilds it)."""
@@ -148,9 +167,15 @@ class RouteTable:
             r is a for (r, _), a in zip(self.routes, app.routes, strict=True)
         )
 
-    def as_dict(self) -> dict[str, list[str]]:
+    def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (for the state endpoint)."""
-        return {"steered": list(self.steered), "inert": list(self.inert), "refused": list(self.refused)}
+        return {
+            "steered": list(self.steered),
+            "inert": list(self.inert),
+            "refused": list(self.refused),
+            "public": list(self.public),
+            "methods": {path: list(methods) for path, methods in self.methods},
+        }
 
 
 def _takes_vllm_xargs(route: Any) -> bool:
@@ -192,7 +217,25 @@ def classify_routes(app: Any) -> RouteTable:
     def paths(kind: str) -> tuple[str, ...]:
         return tuple(sorted({route.path for route, k in routes if k == kind}))
 
-    return RouteTable(paths("steered"), paths("inert"), paths("refused"), tuple(routes))
+    methods_of: dict[str, set[str]] = {}
+    for route, _ in routes:
+        if isinstance(route, WebSocketRoute):
+            taken = {"WEBSOCKET"}
+        elif isinstance(route, Route) and route.methods is not None:
+            taken = set(route.methods)
+        else:
+            taken = {"*"}
+        methods_of.setdefault(getattr(route, "path", ""), set()).update(taken)
+    return RouteTable(
+        paths("steered"),
+        paths("inert"),
+        paths("refused"),
+        tuple(routes),
+        public=tuple(
+            sorted({route.path for route, _ in routes if getattr(route, "path", None) in PUBLIC_PROBES})
+        ),
+        methods=tuple((path, tuple(sorted(taken))) for path, taken in sorted(methods_of.items())),
+    )
 
 
 def _is_json(scope: Scope) -> bool:
@@ -235,10 +278,14 @@ class ModalitySteerMiddleware:
         self,
         app: Callable[[Scope, Receive, Send], Awaitable[None]],
         worker_states: WorkerStates | None = None,
+        authenticate: Authenticate | None = None,
     ) -> None:
-        """`worker_states` answers the state endpoint (without it, the endpoint answers 503)."""
+        """`worker_states` answers the state endpoint (without it, the endpoint answers 503);
+        `authenticate`, given when the server runs with API keys, is required of every request outside
+        :data:`PUBLIC_PROBES`, before anything of the request is read."""
         self.app = app
         self.worker_states = worker_states
+        self.authenticate = authenticate
         contract = policy()
         if contract is None:
             raise RuntimeError("ModalitySteerMiddleware needs a profile (MODALITY_STEER_PROFILE)")
@@ -256,6 +303,13 @@ class ModalitySteerMiddleware:
         return self._routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and not self._authenticated(scope):
+            self.metrics.rejected.labels(reason="unauthenticated").inc()
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            else:
+                await _json(send, 401, {"error": "Unauthorized"})  # vLLM's own answer, nothing more
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -274,6 +328,15 @@ class ModalitySteerMiddleware:
             await self._refused_route(scope, receive, send, body, path)
             return
         await self._steered(scope, receive, send, body)
+
+    def _authenticated(self, scope: Scope) -> bool:
+        """Whether the request may go on: no API keys configured, a CORS preflight (OPTIONS, which browsers
+        send without credentials; vLLM's own authentication lets it pass too), a public probe, or a
+        request carrying a key. Whatever the path: vLLM guards only some path prefixes
+        (`vllm/entrypoints/serve/middleware/authenticate.py`)."""
+        if self.authenticate is None or scope.get("method") == "OPTIONS":
+            return True
+        return self.routes(scope).is_public(scope) or self.authenticate(scope)
 
     async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
         """The whole request body, or None when the client left or the body is too large (answered)."""

@@ -67,14 +67,8 @@ def check_version(version: str | None = None) -> str:
     Raises:
         SteeringConfigError: the installed (or given) vLLM version is unsupported or unparsable.
     """
-    from packaging.version import InvalidVersion
-
     version = installed_vllm_version() if version is None else version
-    try:
-        supported = ROW_BY_KEY["vllm.version"].applies_to(version)
-    except InvalidVersion:
-        supported = False
-    if not supported:
+    if not table.version_supported(version):
         raise SteeringConfigError(
             f"modality-steer supports vLLM {SUPPORTED_VLLM} (0.32, 0.33, 0.34), but the installed vLLM is "
             f"{version}; install a supported release, or run without a profile"
@@ -260,11 +254,37 @@ def _init_entrypoints_middleware(key: str) -> Any:
     def init_entrypoints_middleware(args: Any, app: Any, *rest: Any, **kwargs: Any) -> Any:
         args.middleware = [m for m in (getattr(args, "middleware", None) or []) if m != MIDDLEWARE_PATH]
         install_request_builders()
-        app.add_middleware(ModalitySteerMiddleware, worker_states=worker_states)
+        app.add_middleware(
+            ModalitySteerMiddleware, worker_states=worker_states, authenticate=authenticator(args)
+        )
         document_parameter(app)
         return original(key)(args, app, *rest, **kwargs)
 
     return init_entrypoints_middleware
+
+
+def authenticator(args: Any) -> Any:
+    """The server's key check for every route, or None when it runs without keys: the keys vLLM itself
+    enforces (`--api-key`, else `VLLM_API_KEY`; `vllm/entrypoints/serve/middleware/register.py`), checked by
+    vLLM's own `AuthenticationMiddleware.verify_token` (a Bearer token, compared by SHA-256 digest in
+    constant time)."""
+    import vllm.envs as envs
+    from starlette.datastructures import Headers
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    tokens = [
+        key
+        for key in (getattr(args, "api_key", None) or [getattr(envs, ROW_BY_KEY["env.api_key"].name)])
+        if key
+    ]
+    if not tokens:
+        return None
+    verifier = AuthenticationMiddleware(app=None, tokens=tokens)  # type: ignore[arg-type]
+
+    def authenticate(scope: Any) -> bool:
+        return bool(verifier.verify_token(Headers(scope=scope)))
+
+    return authenticate
 
 
 def _init_endpoint_plugins_state(key: str) -> Any:

@@ -270,6 +270,34 @@ ROWS: tuple[Row, ...] = (
         params=("args", "app"),
     ),
     Row(
+        "api.api_key_arg",
+        "vllm.entrypoints.launchers.cli_args",
+        "FrontendArgs.api_key",
+        "field",
+        "read",
+        "--api-key (0.32): every route outside the public probes needs one of the keys",
+        versions=">=0.32,<0.33",
+    ),
+    Row(
+        "api.api_key_arg.common",
+        "vllm.entrypoints.common.cli_args",
+        "FrontendArgs.api_key",
+        "field",
+        "read",
+        "--api-key (moved in 0.33): every route outside the public probes needs one of the keys",
+        versions=">=0.33,<0.35",
+    ),
+    Row("env.api_key", "vllm.envs", "VLLM_API_KEY", "env", "read", "the key when --api-key is not given"),
+    Row(
+        "api.verify_token",
+        "vllm.entrypoints.serve.middleware.authenticate",
+        "AuthenticationMiddleware.verify_token",
+        "method",
+        "call",
+        "vLLM's own key check, applied to every route (vLLM guards only /v1, /v2, /inference, /cohere)",
+        params=("self", "headers"),
+    ),
+    Row(
         "api.init_endpoint_plugins_state",
         "vllm.entrypoints.launchers.api_server.app_state",
         "init_endpoint_plugins_state",
@@ -596,6 +624,17 @@ ROWS: tuple[Row, ...] = (
 )
 
 ROW_BY_KEY = {row.key: row for row in ROWS}
+
+
+def version_supported(version: str) -> bool:
+    """Whether vLLM `version` is in :data:`SUPPORTED_VLLM` (an unparsable version is not)."""
+    from packaging.version import InvalidVersion
+
+    try:
+        return ROW_BY_KEY["vllm.version"].applies_to(version)
+    except InvalidVersion:
+        return False
+
 
 # key -> (owner object, attribute name, the attribute as the owner itself held it; None: it held none)
 _INSTALLED: dict[str, tuple[Any, str, Any]] = {}
