@@ -159,6 +159,13 @@ def analyze(
     knockout_samples: Annotated[int, typer.Option(help="Conflict samples for the attention knockout.")] = 128,
     random_draws: Annotated[int, typer.Option(help="Draws of random heads for the control.")] = 5,
     seed: Annotated[int, typer.Option(help="Seeds the random-head draws and the --holdout split.")] = 0,
+    canaries: Annotated[
+        int,
+        typer.Option(
+            help="Canaries per instruction written into the profile (report conflicts with a large measured "
+            "effect, checked by every deployment before it serves; 0: none)."
+        ),
+    ] = 3,
 ) -> None:
     """Find the heads that arbitrate between image and text; validate them; write a profile."""
     from .analysis.config import AnalysisConfig, AnalysisError
@@ -179,6 +186,7 @@ def analyze(
         random_draws=random_draws,
         seed=seed,
         holdout=holdout,
+        canaries=canaries,
     )
     try:
         result = run_analysis(model_dir, data, config, eval_data=eval_data)
@@ -218,6 +226,21 @@ def serve(
     instruction_text: Annotated[
         str | None, typer.Option(help="Sentence injected for text steering (default: the paper's).")
     ] = None,
+    canaries: Annotated[
+        str | None,
+        typer.Option(
+            help="on (default): before serving, run the profile's canaries through every engine and refuse to "
+            "start unless steering does what the profile records; auto: only when the profile has canaries; "
+            "off: serve unverified. Default: MODALITY_STEER_CANARIES, else on."
+        ),
+    ] = None,
+    profile_match: Annotated[
+        str,
+        typer.Option(
+            help="fingerprint: the checkpoint must be the analysed one; geometry: any checkpoint of the same "
+            "geometry (quantized, fine-tuned), accepted only when the canaries pass on it."
+        ),
+    ] = "fingerprint",
 ) -> None:
     """Serve MODEL with vLLM's OpenAI-compatible server and per-request head steering."""
     import os
@@ -225,6 +248,7 @@ def serve(
     from .serving.policy import policy
     from .serving.settings import (
         ALLOW_RAW_HEADS_ENV,
+        CANARIES_ENV,
         DEFAULT_STEER_ENV,
         ENFORCE_STEER_ENV,
         ENTRY_POINT_NAME,
@@ -232,6 +256,7 @@ def serve(
         INSTRUCTION_ENV,
         MAX_GAIN_ENV,
         PROFILE_ENV,
+        PROFILE_MATCH_ENV,
         VLLM_CLI_MODULE,
         SteeringConfigError,
         settings,
@@ -248,6 +273,8 @@ def serve(
         MAX_GAIN_ENV: repr(max_gain),
         ALLOW_RAW_HEADS_ENV: "1" if allow_raw_heads else "0",
         INJECT_INSTRUCTION_ENV: "1" if inject_instruction else "0",
+        CANARIES_ENV: canaries or os.environ.get(CANARIES_ENV, "on"),
+        PROFILE_MATCH_ENV: profile_match,
     }
     for key, value in (
         (DEFAULT_STEER_ENV, default_steer),

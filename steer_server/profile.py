@@ -3,8 +3,9 @@
 Required fields (exactly so named): `format`, `model` (a :class:`~steer_server.geometry.ModelGeometry`:
 architecture, num_layers, num_heads, head_dim, optional fingerprint), `default_gain`, `modes` {image, text}
 each with `heads` [{layer, head, score}]. Everything else (`scores`, `validation`, `provenance`, ...) is
-optional and kept as written. `layer` and `head` are global indices in the language model (0-based,
-unsharded).
+optional and kept as written, except `canaries` (:class:`CanarySet`), which is validated: the inputs and
+recorded effects a deployment checks before it serves (`steer_server.serving.canary`). `layer` and `head`
+are global indices in the language model (0-based, unsharded).
 """
 
 from __future__ import annotations
@@ -53,6 +54,63 @@ class ModeHeads(BaseModel):
     heads: list[HeadEntry]
 
 
+# The steering settings every canary is measured under, by name: unsteered, and each mode's heads blocked
+# (gain 0) and at the profile's default gain. Values are `modality_steer` wire strings
+# (`steer_server.spec.SteerSpec.to_wire`).
+CANARY_SETTINGS = {
+    "off": "off",
+    "image_block": '{"follow":"image","gain":0.0}',
+    "image_default": "image",
+    "text_block": '{"follow":"text","gain":0.0}',
+    "text_default": "text",
+}
+
+
+def _finite_values(values: dict[str, float]) -> dict[str, float]:
+    if set(values) != set(CANARY_SETTINGS) or not all(math.isfinite(v) for v in values.values()):
+        raise ValueError(f"needs a finite value for each of {', '.join(CANARY_SETTINGS)}")
+    return values
+
+
+class Canary(BaseModel):
+    """One conflict of the analysis' report split, as a client sends it, with what the analysis measured
+    on it in transformers: the metric (log p(instructed answer) - log p(competing answer) at the first
+    answer token, each answer's first tokens pooled with logsumexp; arXiv 2602.03677 §3) under each of
+    :data:`CANARY_SETTINGS`, in float32 (`recorded`) and in bfloat16 (`recorded_bf16`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    follow: Literal["image", "text"]
+    messages: list[dict[str, Any]]  # OpenAI chat messages; the image inline as a data URL
+    instructed_token_ids: list[int] = Field(min_length=1)
+    competing_token_ids: list[int] = Field(min_length=1)
+    recorded: dict[str, float]
+    recorded_bf16: dict[str, float]
+
+    @field_validator("recorded", "recorded_bf16")
+    @classmethod
+    def _all_settings(cls, values: dict[str, float]) -> dict[str, float]:
+        return _finite_values(values)
+
+
+class CanarySet(BaseModel):
+    """The canaries of a profile and the tolerance a served figure is held to.
+
+    Attributes:
+        tolerance: log-probability units; a served metric (fingerprint match) or a served effect (geometry
+            match) may differ from the recorded one by this much plus `relative` x the recorded effect.
+        tolerance_basis: how the tolerance was derived (from the float32 / bfloat16 measurement).
+        samples: the canaries.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tolerance: float = Field(gt=0)
+    tolerance_basis: str
+    samples: list[Canary] = Field(min_length=1)
+
+
 class Profile(BaseModel):
     """A validated profile: every head lies inside `model`, no head is listed twice in a mode, both modes
     are present, `default_gain` is finite and >= 0. Unknown top-level keys are kept (`model_extra`)."""
@@ -63,6 +121,7 @@ class Profile(BaseModel):
     model: ModelGeometry
     default_gain: float = Field(ge=0)
     modes: dict[Literal["image", "text"], ModeHeads]
+    canaries: CanarySet | None = None
 
     @field_validator("default_gain")
     @classmethod
@@ -100,9 +159,14 @@ class Profile(BaseModel):
         """A short content hash (12 hex digits): names the profile in logs, headers and metrics."""
         # `attention_layers` is left out when unset, so that profiles written before it existed keep
         # their id.
-        unset = {"model": {"attention_layers"}} if self.model.attention_layers is None else None
+        # `canaries` likewise, for profiles written before canaries existed.
+        unset: dict[str, Any] = {}
+        if self.model.attention_layers is None:
+            unset["model"] = {"attention_layers"}
+        if self.canaries is None:
+            unset["canaries"] = True
         canonical = json.dumps(
-            self.model_dump(mode="json", exclude=unset), sort_keys=True, separators=(",", ":")
+            self.model_dump(mode="json", exclude=unset or None), sort_keys=True, separators=(",", ":")
         )
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 

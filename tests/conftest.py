@@ -18,6 +18,10 @@ if not torch.cuda.is_available():
         raise RuntimeError("triton was imported before TRITON_INTERPRET could be set")
     os.environ["TRITON_INTERPRET"] = "1"
 
+# Tests serve hand-made profiles (no canaries) beside the shipped toy profile (with canaries): the
+# deployment checks canaries wherever the profile has them; the canary tests set `on` explicitly.
+os.environ.setdefault("MODALITY_STEER_CANARIES", "auto")
+
 from helpers import write_profile
 
 from steer_server.data.schema import LoadedSample, load_samples

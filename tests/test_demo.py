@@ -95,3 +95,16 @@ def test_eval_command_reports_intervals_and_counts(demo_server, toy_test_split, 
         assert estimate["value"] == pytest.approx(report["mf_ratio_by_follow"][follow], abs=1e-6)
     assert intervals["control_accuracy"]["n"] == report["controls"]
     assert "MF ratio" in done.stderr and f"(n={report['conflicts']})" in done.stderr
+
+
+@pytest.mark.vllm
+def test_the_demo_prints_the_canary_check(demo_server):
+    """`make demo` says that the server checked its steering against the profile's canaries."""
+    from steer_server.eval.demo import canary_line, canary_state
+
+    profile = load_profile(toy_profile_path())
+    assert profile.canaries is not None
+    line = canary_line(canary_state(demo_server))
+    assert line.startswith(f"canaries passed before serving: {len(profile.canaries.samples) * 5} checks"), (
+        line
+    )

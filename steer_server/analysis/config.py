@@ -30,6 +30,8 @@ class AnalysisConfig:
         holdout: without separate report data, the share of the data (per instruction and kind, seeded)
             held out as the report split; the rest is the selection split.
         progress: show progress bars.
+        canaries: canaries written into the profile per instruction (0: none; such a profile is served only
+            with the deployment's canary check turned off).
     """
 
     top_frac: float = 0.05
@@ -44,6 +46,7 @@ class AnalysisConfig:
     seed: int = 0
     holdout: float = 0.5
     progress: bool = True
+    canaries: int = 3
 
     def check(self) -> None:
         """Raises:
@@ -51,6 +54,8 @@ class AnalysisConfig:
         """
         if not 0 < self.top_frac <= 1:
             raise AnalysisError(f"--top-frac must lie in (0, 1], got {self.top_frac}")
+        if self.canaries < 0:
+            raise AnalysisError(f"--canaries must be >= 0, got {self.canaries}")
         if self.batch_size < 1:
             raise AnalysisError(f"--batch-size must be positive, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:

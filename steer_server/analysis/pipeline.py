@@ -10,7 +10,9 @@ instruction mode (`follow=image`, `follow=text`):
    held out before anything was chosen; no choice sees it, and the profile's provenance says which split
    chose what and which figures come from where;
 6. attention knockout between token groups (:mod:`.knockout`) and the semantic-inertia decomposition
-   (:mod:`.logit_lens`), on the report split's conflicts.
+   (:mod:`.logit_lens`), on the report split's conflicts;
+7. canaries (:mod:`.canaries`): report conflicts on which the profile's gains have a large measured
+   effect, written into the profile with their inputs, for the deployment's check before it serves.
 
 :func:`analyze` computes; :func:`write_outputs` writes the profile, the knockout and logit-lens JSON
 and the plots only once everything has finished.
@@ -37,6 +39,7 @@ from ..hf.model import load_model
 from ..profile import MODES, PROFILE_FORMAT, Profile, model_fingerprint, save_profile
 from .ablation import ModeResult, rank_mode
 from .attribution import attribution
+from .canaries import measure_canaries
 from .config import AnalysisConfig, AnalysisError
 from .knockout import knockout
 from .logit_lens import semantic_inertia
@@ -225,6 +228,12 @@ def analyze(
         provenance,
         selection,
     )
+    if config.canaries:
+        # Last: it leaves the model in bfloat16.
+        canaries = measure_canaries(loaded, profile, report_conflicts, config.canaries, config.batch_size)
+        profile = Profile.model_validate(
+            {**profile.model_dump(mode="json"), "canaries": canaries.model_dump(mode="json")}
+        )
     return AnalysisResult(
         profile=profile,
         knockout=flow,

@@ -227,6 +227,25 @@ def table(offline: dict[str, Any], served: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def canary_state(server: VllmServer) -> dict[str, Any]:
+    """The server's canary report (the state endpoint's `canaries`)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.base_url}/v1/modality_steer/state", timeout=60) as response:
+        report: dict[str, Any] = json.loads(response.read())["canaries"]
+    return report
+
+
+def canary_line(report: dict[str, Any]) -> str:
+    """One line on the canary check the server ran before it served."""
+    if report["status"] == "passed":
+        return (
+            f"canaries passed before serving: {report['checks']} checks ({report['match']} match, "
+            f"{report['seconds']:.1f} s): steering does what the profile records"
+        )
+    return f"canaries {report['status']}: {report.get('reason') or report.get('failed')}"
+
+
 def run_demo(out: Path, *, concurrency: int = 16) -> dict[str, Any]:
     """Write the held-out split, serve the toy model with its profile, measure, print and write `out`."""
     started = time.monotonic()
@@ -247,7 +266,9 @@ def run_demo(out: Path, *, concurrency: int = 16) -> dict[str, Any]:
             steer_args=["--allow-raw-heads"],
         )
         with server:
-            print(f"      up at {server.base_url}; [3/3] evaluating through the endpoint", flush=True)
+            canaries = canary_state(server)
+            print(f"      up at {server.base_url}; {canary_line(canaries)}", flush=True)
+            print("[3/3] evaluating through the endpoint", flush=True)
             served = measure(server, str(model_dir), samples, profile, concurrency)
     offline = offline_figures(profile)
     results = {
@@ -256,6 +277,7 @@ def run_demo(out: Path, *, concurrency: int = 16) -> dict[str, Any]:
         "profile_id": profile.profile_id,
         "data": f"synthetic test split (n={EVAL_N}, seed={EVAL_SEED})",
         "splits": splits_statement(profile),
+        "canaries": canaries,
         "served": served,
         "transformers": offline,
         "seconds": round(time.monotonic() - started, 1),

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..spec import SteerSpec, spec_json_schema
+from .canary import RERUN_PATH, CanaryReport, last_report, serving_blocked
 from .policy import PolicyError, asked_spec, policy, rewrite
 from .settings import EXTRA_ARGS_KEY, PluginSettings, SteeringConfigError, settings
 
@@ -78,6 +79,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 # Asks every worker of every engine for its steering state (given the engine client).
 WorkerStates = Callable[[Any], Awaitable[list[dict[str, Any]]]]
+# Runs the canary checks through the app's engine (given the app's state).
+RunCanaries = Callable[[Any], Awaitable[CanaryReport]]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,10 +159,22 @@ class RouteTable:
         return "inert" if found is None else found[1]
 
     def is_public(self, scope: Scope) -> bool:
-        """Whether a request may pass without the API key: it matches, as the router matches it, a route
-        whose path is one of :data:`PUBLIC_PROBES` (a request no route matches is not public)."""
-        found = self._match(scope)
-        return found is not None and getattr(found[0], "path", None) in PUBLIC_PROBES
+        """Whether a request may pass without the API key: its path is routed, as the router routes it, to
+        a route whose path is one of :data:`PUBLIC_PROBES`, whatever the method (a method the probe does
+        not take gets the router's 405); a request no route matches is not public."""
+        from starlette.routing import Match
+
+        for route, _ in self.routes:
+            match = route.matches(scope)[0]
+            if match == Match.FULL:
+                return getattr(route, "path", None) in PUBLIC_PROBES
+            if match == Match.PARTIAL and getattr(route, "path", None) in PUBLIC_PROBES:
+                return True
+        return False
+
+    def matches_any(self, scope: Scope) -> bool:
+        """Whether a route of the app takes this request fully (path and method)."""
+        return self._match(scope) is not None
 
     def describes(self, app: Any) -> bool:
         """Whether the table is still that of `app`'s routes (a route added later rebuilds it)."""
@@ -279,13 +294,16 @@ class ModalitySteerMiddleware:
         app: Callable[[Scope, Receive, Send], Awaitable[None]],
         worker_states: WorkerStates | None = None,
         authenticate: Authenticate | None = None,
+        run_canaries: RunCanaries | None = None,
     ) -> None:
         """`worker_states` answers the state endpoint (without it, the endpoint answers 503);
         `authenticate`, given when the server runs with API keys, is required of every request outside
-        :data:`PUBLIC_PROBES`, before anything of the request is read."""
+        :data:`PUBLIC_PROBES`, before anything of the request is read; `run_canaries` (given the app's
+        state) answers :data:`~steer_server.serving.canary.RERUN_PATH`."""
         self.app = app
         self.worker_states = worker_states
         self.authenticate = authenticate
+        self.run_canaries = run_canaries
         contract = policy()
         if contract is None:
             raise RuntimeError("ModalitySteerMiddleware needs a profile (MODALITY_STEER_PROFILE)")
@@ -310,6 +328,9 @@ class ModalitySteerMiddleware:
             else:
                 await _json(send, 401, {"error": "Unauthorized"})  # vLLM's own answer, nothing more
             return
+        if scope["type"] == "websocket" and serving_blocked():
+            await send({"type": "websocket.close", "code": 1013})  # try again later: canaries failed
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -317,9 +338,17 @@ class ModalitySteerMiddleware:
         if scope.get("method") == "GET" and path == STATE_PATH:
             await self._state(scope, send)
             return
+        if scope.get("method") == "POST" and path == RERUN_PATH:
+            await self._rerun_canaries(scope, send)
+            return
         kind = self.routes(scope).kind_of(scope)
         if kind == "inert":
             await self.app(scope, receive, send)
+            return
+        if serving_blocked():
+            # The latest canary run failed: steering does not do what the profile records.
+            self.metrics.rejected.labels(reason="canaries").inc()
+            await _error(send, 503, "this deployment's steering failed its canary checks; it serves nothing")
             return
         body = await self._read_body(receive, send)
         if body is None:
@@ -331,12 +360,16 @@ class ModalitySteerMiddleware:
 
     def _authenticated(self, scope: Scope) -> bool:
         """Whether the request may go on: no API keys configured, a CORS preflight (OPTIONS, which browsers
-        send without credentials; vLLM's own authentication lets it pass too), a public probe, or a
+        send without credentials; vLLM's own authentication lets it pass too) that no route takes, a
+        public probe, or a
         request carrying a key. Whatever the path: vLLM guards only some path prefixes
         (`vllm/entrypoints/serve/middleware/authenticate.py`)."""
-        if self.authenticate is None or scope.get("method") == "OPTIONS":
+        if self.authenticate is None:
             return True
-        return self.routes(scope).is_public(scope) or self.authenticate(scope)
+        table = self.routes(scope)
+        if scope.get("method") == "OPTIONS" and not table.matches_any(scope):
+            return True  # a CORS preflight: no route takes OPTIONS here, the router answers 405
+        return table.is_public(scope) or self.authenticate(scope)
 
     async def _read_body(self, receive: Receive, send: Send) -> bytes | None:
         """The whole request body, or None when the client left or the body is too large (answered)."""
@@ -429,6 +462,7 @@ class ModalitySteerMiddleware:
         except Exception as exc:  # a dead or missing engine: say so, never report an empty state
             await _json(send, 503, {"error": {"message": f"engine unavailable: {exc}", "code": 503}})
             return
+        report = last_report()
         await _json(
             send,
             200,
@@ -439,9 +473,22 @@ class ModalitySteerMiddleware:
                     "enforce": None if self.policy.enforce is None else self.policy.enforce.to_wire(),
                 },
                 "routes": self.routes(scope).as_dict(),
+                "canaries": None if report is None else report.as_dict(),
                 "workers": workers,
             },
         )
+
+    async def _rerun_canaries(self, scope: Scope, send: Send) -> None:
+        """Run the canaries again (after the weights changed): 200 and the report when they pass, 503 when
+        they fail (the server then refuses every request that reaches the engine)."""
+        app_state = getattr(scope.get("app"), "state", None)
+        if self.run_canaries is None or app_state is None:
+            await _json(
+                send, 503, {"error": {"message": "canary checks unavailable on this app", "code": 503}}
+            )
+            return
+        report = await self.run_canaries(app_state)
+        await _json(send, 200 if report.status != "failed" else 503, report.as_dict())
 
 
 def _route_path(scope: Scope) -> str:
@@ -492,6 +539,14 @@ async def require_armed_workers(engine_client: Any, worker_states: WorkerStates)
         raise SteeringConfigError(
             f"modality-steer: workers not armed with this deployment's settings {plugin.settings_id} "
             f"(profile, --max-gain, --allow-raw-heads): {wrong or states}"
+        )
+    secret = plugin.canary_secret_digest()
+    other = sorted({str(s.get("canary_secret")) for s in states if s.get("canary_secret") != secret})
+    if plugin.canaries and other:
+        raise SteeringConfigError(
+            "modality-steer: engines started apart from this API server (headless, other nodes) hold another "
+            "canary secret, so the canary check cannot reach them: set MODALITY_STEER_CANARY_SECRET to the same "
+            "value for every process of the deployment"
         )
     return states
 

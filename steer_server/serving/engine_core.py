@@ -24,8 +24,8 @@ import hashlib
 from typing import Any
 
 from ..spec import effective_gains, gains_digest
-from .policy import Policy
-from .settings import EXTRA_ARGS_KEY
+from .policy import Policy, PolicyError
+from .settings import CANARY_KEY, EXTRA_ARGS_KEY
 
 
 def steering_salt(client_salt: str | None, gains: dict[tuple[int, int], float]) -> str:
@@ -45,7 +45,8 @@ def steer_engine_request(request: Any, contract: Policy) -> None:
 
     Raises:
         PolicyError: the request's spec is malformed (400) or against the policy (403); a pooling request
-            when the deployment steers requests that ask for nothing (it cannot be steered).
+            when the deployment steers requests that ask for nothing (it cannot be steered); a canary key
+            that is not the deployment's secret (400).
     """
     params = request.sampling_params
     if params is None:
@@ -53,7 +54,13 @@ def steer_engine_request(request: Any, contract: Policy) -> None:
         gains: dict[tuple[int, int], float] = {}
     else:
         extra = dict(params.extra_args or {})
-        spec = contract.resolve(extra.get(EXTRA_ARGS_KEY))
+        if CANARY_KEY in extra:
+            # The deployment's own canary: the spec it names, under the settings' limits, not the policy.
+            if not contract.plugin.is_canary_token(extra.pop(CANARY_KEY)):
+                raise PolicyError(400, "invalid", f"{CANARY_KEY} is internal to the deployment")
+            spec = contract.parse(extra.get(EXTRA_ARGS_KEY))
+        else:
+            spec = contract.resolve(extra.get(EXTRA_ARGS_KEY))
         extra[EXTRA_ARGS_KEY] = spec.to_wire()
         params.extra_args = extra
         gains = effective_gains(spec, contract.plugin.profile)

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .canary import INTERNAL_RUN
 from .policy import Policy, PolicyError, asked_spec
-from .settings import EXTRA_ARGS_KEY
+from .settings import CANARY_KEY, EXTRA_ARGS_KEY
 
 
 def absorb_top_level(request: Any) -> Any:
@@ -69,10 +70,18 @@ def decided_extra_args(contract: Policy, extra_args: Any, *, pooling: bool) -> d
 
     Raises:
         PolicyError: the spec is malformed or refused; a pooling request while the policy steers requests
-            that ask for nothing.
+            that ask for nothing; the internal canary key outside the deployment's canary run.
     """
     if pooling:
         contract.refuse_pooling()
         return None
-    spec = contract.resolve((extra_args or {}).get(EXTRA_ARGS_KEY))
-    return {**(extra_args or {}), EXTRA_ARGS_KEY: spec.to_wire()}
+    extra = dict(extra_args or {})
+    if CANARY_KEY in extra:
+        # Only the deployment's own canary run (`steer_server.serving.canary`) sends it; the EngineCore
+        # checks its secret.
+        if not INTERNAL_RUN.get():
+            raise PolicyError(
+                400, "invalid", f"{CANARY_KEY} is internal to the deployment; no request may carry it"
+            )
+        return {**extra, EXTRA_ARGS_KEY: contract.parse(extra.get(EXTRA_ARGS_KEY)).to_wire()}
+    return {**extra, EXTRA_ARGS_KEY: contract.resolve(extra.get(EXTRA_ARGS_KEY)).to_wire()}

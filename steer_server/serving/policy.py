@@ -14,6 +14,7 @@ from typing import Any
 from ..data.prompts import INSTRUCTIONS, insert_instruction
 from ..spec import OFF, SpecError, SteerSpec, effective_gains, gains_digest, parse_spec
 from .settings import (
+    CANARY_KEY,
     DEFAULT_STEER_ENV,
     ENFORCE_STEER_ENV,
     EXTRA_ARGS_KEY,
@@ -150,13 +151,17 @@ def asked_spec(payload: dict[str, Any]) -> Any | None:
     neither).
 
     Raises:
-        PolicyError: 400 when given twice, when `vllm_xargs` is not an object, or when the `vllm_xargs`
-            value is not a string.
+        PolicyError: 400 when given twice, when `vllm_xargs` is not an object, when the `vllm_xargs`
+            value is not a string, or when the request carries the internal canary key.
     """
     top_level = payload.get(EXTRA_ARGS_KEY)
     xargs = payload.get("vllm_xargs")
     if xargs is not None and not isinstance(xargs, dict):
         raise PolicyError(400, "invalid", "vllm_xargs must be an object")
+    if CANARY_KEY in payload or CANARY_KEY in (xargs or {}):
+        raise PolicyError(
+            400, "invalid", f"{CANARY_KEY} is internal to the deployment; no request may carry it"
+        )
     in_xargs = (xargs or {}).get(EXTRA_ARGS_KEY)
     if top_level is not None and in_xargs is not None:
         raise PolicyError(400, "invalid", "give modality_steer once: top level or vllm_xargs, not both")

@@ -252,7 +252,8 @@ class WorkerSteering:
                 f"{model_info.describe()}, but the served model has {served[0]} layers (attention on "
                 f"{list(self.layers)} of layers {first}-{end - 1}) x {served[1]} heads x head_dim {served[2]}"
             )
-        if model_info.fingerprint:
+        if model_info.fingerprint and self.plugin.profile_match == "fingerprint":
+            # Under --profile-match geometry the canaries, run before serving, decide instead.
             model_dir = Path(self.place.model_path)
             if not (model_dir / "config.json").is_file():
                 raise SteeringConfigError(
@@ -263,7 +264,8 @@ class WorkerSteering:
             if served_print != model_info.fingerprint:
                 raise SteeringConfigError(
                     f"modality-steer: the profile {self.plugin.profile_path} was made for model fingerprint "
-                    f"{model_info.fingerprint}, but {model_dir} has {served_print}"
+                    f"{model_info.fingerprint}, but {model_dir} has {served_print} (a quantized or fine-tuned "
+                    "variant of the analysed model: --profile-match geometry, checked by the canaries)"
                 )
 
     # ---- requests ------------------------------------------------------------------------------
@@ -365,6 +367,7 @@ class WorkerSteering:
             "armed": True,
             "profile_id": self.plugin.profile.profile_id,
             "settings_id": self.plugin.settings_id,
+            "canary_secret": self.plugin.canary_secret_digest(),
             "runner": self.facts.runner,
             "runner_class": self.facts.runner_class,
             "dp_rank": self.dp_rank,

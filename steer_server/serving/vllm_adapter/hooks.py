@@ -18,18 +18,31 @@ wheel) and V2 (`vllm/v1/worker/gpu/model_runner.py`, the GPU default since 0.29 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
+import secrets
 import sys
+import time
+import uuid
 from http import HTTPStatus
 from typing import Any
 
 from ..api import ModalitySteerMiddleware, document_parameter, require_armed_workers
+from ..canary import INTERNAL_RUN, CanaryReport, judge, record, served_metric
 from ..engine_core import steer_engine_request
 from ..frontend import absorb_top_level, check_beam_search, decided_extra_args
 from ..policy import PolicyError, policy
-from ..settings import EXTRA_ARGS_KEY, SETTINGS_ENV_PREFIX, WORKER_STATE_METHOD, SteeringConfigError, settings
+from ..settings import (
+    CANARY_KEY,
+    CANARY_SECRET_ENV,
+    EXTRA_ARGS_KEY,
+    SETTINGS_ENV_PREFIX,
+    WORKER_STATE_METHOD,
+    SteeringConfigError,
+    settings,
+)
 from ..worker import (
     EngineFacts,
     WorkerPlace,
@@ -41,6 +54,9 @@ from . import table
 from .table import ROW_BY_KEY, ROWS, SUPPORTED_VLLM, AdapterError, Row, original
 
 logger = logging.getLogger("modality_steer")
+# In the API server only vLLM's own loggers reach the log (its logging configuration); a child of "vllm"
+# inherits its handler.
+server_log = logging.getLogger("vllm.modality_steer")
 
 # Decoder self-attention layers of the language model; vision towers use other module classes/names.
 DECODER_ATTENTION = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.attn$")
@@ -89,6 +105,8 @@ def install(version: str | None = None) -> None:
     """
     version = check_version(version)
     forward_to_ray_workers()
+    # The deployment's canary secret: processes spawned from here on (EngineCores, API servers) inherit it.
+    os.environ.setdefault(CANARY_SECRET_ENV, secrets.token_hex(16))
     factories = {
         "engine.from_engine_core_request": _from_engine_core_request,
         "frontend.process_inputs": _process_inputs,
@@ -255,7 +273,10 @@ def _init_entrypoints_middleware(key: str) -> Any:
         args.middleware = [m for m in (getattr(args, "middleware", None) or []) if m != MIDDLEWARE_PATH]
         install_request_builders()
         app.add_middleware(
-            ModalitySteerMiddleware, worker_states=worker_states, authenticate=authenticator(args)
+            ModalitySteerMiddleware,
+            worker_states=worker_states,
+            authenticate=authenticator(args),
+            run_canaries=_rerun_canaries,
         )
         document_parameter(app)
         return original(key)(args, app, *rest, **kwargs)
@@ -287,15 +308,113 @@ def authenticator(args: Any) -> Any:
     return authenticate
 
 
+async def _rerun_canaries(app_state: Any) -> CanaryReport:
+    """`POST /v1/modality_steer/canaries`: the canaries again, through the app's engine."""
+    engine_client = getattr(app_state, "engine_client", None)
+    if engine_client is None:  # a render-only server: nothing to check
+        plugin = settings()
+        assert plugin is not None
+        return CanaryReport("skipped", plugin.profile_match, reason="no engine on this server")
+    return await run_canaries(engine_client, app_state)
+
+
 def _init_endpoint_plugins_state(key: str) -> Any:
     """The handshake runs where vLLM finishes the app's state, before it serves (`init_app_state` looks
     this name up at call time)."""
 
     async def init_endpoint_plugins_state(engine_client: Any, *rest: Any, **kwargs: Any) -> Any:
         await require_armed_workers(engine_client, worker_states)
+        if engine_client is not None and rest:
+            report = await run_canaries(engine_client, rest[0])
+            if report.status == "failed":
+                raise SteeringConfigError(report.message())
+            server_log.warning("%s", report.message())
         return await original(key)(engine_client, *rest, **kwargs)
 
     return init_endpoint_plugins_state
+
+
+async def run_canaries(engine_client: Any, app_state: Any) -> CanaryReport:
+    """Send every canary of the profile under every setting through every data-parallel engine, as the
+    chat route would (vLLM's renderer, then `generate` with one token and the raw logprobs of the answers'
+    first tokens), judge the served metrics (:func:`~steer_server.serving.canary.judge`) and keep the
+    report for the state endpoint. A request that fails makes the run fail, with its error as the reason.
+    """
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.sampling_params import SamplingParams
+
+    from ...profile import CANARY_SETTINGS
+
+    plugin = settings()
+    assert plugin is not None
+    if not plugin.canaries or plugin.profile.canaries is None:
+        reason = (
+            "--canaries off" if plugin.profile.canaries is not None else "the profile carries no canaries"
+        )
+        report = CanaryReport("skipped", plugin.profile_match, reason=reason)
+        record(report)
+        return report
+    canaries = plugin.profile.canaries
+    started = time.monotonic()
+    parallel = engine_client.vllm_config.parallel_config
+    # The engines this API server reaches: with external or hybrid load balancing, its local ones only
+    # (`vllm/v1/engine/input_processor.py` refuses other ranks).
+    data_parallel = int(
+        parallel.data_parallel_size_local
+        if getattr(parallel, "local_engines_only", False)
+        else parallel.data_parallel_size
+    )
+    secret = os.environ.get(CANARY_SECRET_ENV, "")
+    served: dict[tuple[int, str, str], float] = {}
+
+    async def one(rank: int, canary: Any, engine_input: Any, setting: str, wire: str) -> None:
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            logprob_token_ids=sorted({*canary.instructed_token_ids, *canary.competing_token_ids}),
+            extra_args={EXTRA_ARGS_KEY: wire, CANARY_KEY: secret},
+        )
+        final = None
+        async for output in engine_client.generate(
+            engine_input,
+            params,
+            f"modality-steer-canary-{uuid.uuid4().hex}",
+            data_parallel_rank=rank if data_parallel > 1 else None,
+        ):
+            final = output
+        assert final is not None and final.outputs[0].logprobs, "no logprobs came back"
+        logprobs = {token: entry.logprob for token, entry in final.outputs[0].logprobs[0].items()}
+        served[(rank, canary.id, setting)] = served_metric(logprobs, canary)
+
+    token = INTERNAL_RUN.set(True)
+    try:
+        runs = []
+        for canary in canaries.samples:
+            rendered = await app_state.online_renderer.render_chat(
+                ChatCompletionRequest.model_validate({"messages": canary.messages, "max_tokens": 1})
+            )
+            if not isinstance(rendered, tuple):
+                raise RuntimeError(f"canary {canary.id}: vLLM could not render its messages: {rendered}")
+            engine_input = rendered[1][0]
+            runs += [
+                one(rank, canary, engine_input, setting, wire)
+                for rank in range(data_parallel)
+                for setting, wire in CANARY_SETTINGS.items()
+            ]
+        await asyncio.gather(*runs)
+        checks = judge(canaries, served, plugin.profile_match)
+        report = CanaryReport.of(checks, plugin.profile_match, time.monotonic() - started)
+    except Exception as exc:  # a request that failed: the check did not pass
+        report = CanaryReport(
+            "failed",
+            plugin.profile_match,
+            seconds=time.monotonic() - started,
+            reason=f"a canary request failed: {type(exc).__name__}: {exc}",
+        )
+    finally:
+        INTERNAL_RUN.reset(token)
+    record(report)
+    return report
 
 
 # --------------------------------------------------------------------------------------------------

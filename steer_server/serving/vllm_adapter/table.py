@@ -307,6 +307,48 @@ ROWS: tuple[Row, ...] = (
         params=("engine_client",),
     ),
     Row(
+        "canary.render_chat",
+        "vllm.renderers.online_renderer",
+        "OnlineRenderer.render_chat",
+        "method",
+        "call",
+        "renders each canary's chat messages as the chat route does (`app.state.online_renderer`)",
+        params=("self", "request"),
+    ),
+    Row(
+        "canary.chat_request",
+        "vllm.entrypoints.openai.chat_completion.protocol",
+        "ChatCompletionRequest",
+        "class",
+        "call",
+        "a canary's chat request, for the renderer",
+    ),
+    Row(
+        "canary.generate",
+        "vllm.v1.engine.async_llm",
+        "AsyncLLM.generate",
+        "method",
+        "call",
+        "sends each canary through each data-parallel engine (`data_parallel_rank`)",
+        params=("self", "prompt", "sampling_params", "request_id"),
+    ),
+    Row(
+        "canary.logprob_token_ids",
+        "vllm.sampling_params",
+        "SamplingParams.logprob_token_ids",
+        "field",
+        "write",
+        "the raw logprobs of each canary's answer tokens",
+    ),
+    *(
+        Row(f"canary.{field}", "vllm.config.parallel", f"ParallelConfig.{field}", "field", "read", what)
+        for field, what in (
+            ("data_parallel_size", "how many engines the canaries go through"),
+            ("data_parallel_size_local", "the engines an API server reaches under external load balancing"),
+            ("local_engines_only", "whether this API server reaches its local engines only"),
+        )
+    ),
+    Row(
         "api.call_utility_all_async",
         "vllm.v1.engine.core_client",
         "AsyncMPClient.call_utility_all_async",
