@@ -9,6 +9,8 @@ import math
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +198,24 @@ def run_engine_script(source: str, model: Path, tmp_path: Path, env: dict[str, s
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULTS ")), None)
     assert line is not None, done.stdout[-2000:] + done.stderr[-3000:]
     return dict(json.loads(line.removeprefix("RESULTS ")))
+
+
+def post_json(server: Any, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """POST `body` as JSON to `server` (a VllmServer); (status, JSON answer, headers), also for 4xx/5xx."""
+    request = urllib.request.Request(
+        f"{server.base_url}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}"), dict(error.headers)
+
+
+def server_state(server: Any) -> dict[str, Any]:
+    """`GET /v1/modality_steer/state` of `server` (a VllmServer without --api-key)."""
+    with urllib.request.urlopen(f"{server.base_url}/v1/modality_steer/state", timeout=60) as response:
+        return json.loads(response.read())

@@ -474,6 +474,15 @@ def test_analysis_recovers_the_toys_planted_circuit(tmp_path):
     raw = json.loads(profile.model_dump_json())
     assert_choices_never_saw_the_reported_split(raw, subsets["validation"], subsets["test"])
     assert result.logit_lens["max_additivity_error"] < 1e-4
+    # Canaries: three per instruction, from the report split, each moved by its own block by at least
+    # four tolerances.
+    assert profile.canaries is not None
+    reported = {s.sample.id for s in load_samples(subsets["test"])}
+    assert [c.follow for c in profile.canaries.samples] == ["image"] * 3 + ["text"] * 3
+    for canary in profile.canaries.samples:
+        assert canary.id in reported
+        own = canary.recorded[f"{canary.follow}_block"] - canary.recorded["off"]
+        assert abs(own) >= 4 * profile.canaries.tolerance, canary.id
 
 
 def test_shipped_profile_chose_nothing_on_its_reported_split(tmp_path):
@@ -544,6 +553,13 @@ def test_every_choice_sees_only_the_selection_split(tiny_llava, small_data, monk
         selection, reported = {s.sample.id for s in chosen}, {s.sample.id for s in held}
         assert result.profile.model_extra["provenance"]["splits"]["report"]["samples"] == len(held)
     assert not selection & reported
+    # Canaries come from the report split; where the gains move no report conflict enough (this random
+    # model), the profile says why it carries none.
+    canaries = result.profile.canaries
+    if canaries is None:
+        assert result.profile.model_extra["provenance"]["canaries"].startswith("none: no report conflict")
+    else:
+        assert {c.id for c in canaries.samples} <= reported
     for name in CHOICES:
         assert seen[name] and seen[name] <= selection, name
     for name in FIGURES:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import BASE_ARGS, engine_env
+from helpers import BASE_ARGS, engine_env, post_json, server_state
 
 from steer_server.eval.demo import toy_profile_path
 from steer_server.profile import CANARY_SETTINGS, load_profile
@@ -288,11 +286,6 @@ def _toy_server(
     )
 
 
-def _state(server: VllmServer) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{server.base_url}/v1/modality_steer/state", timeout=60) as response:
-        return json.loads(response.read())
-
-
 @pytest.fixture(scope="module")
 def honest(tmp_path_factory) -> Iterator[VllmServer]:
     with _toy_server(tmp_path_factory.mktemp("honest")) as server:
@@ -301,7 +294,7 @@ def honest(tmp_path_factory) -> Iterator[VllmServer]:
 
 @pytest.mark.vllm
 def test_the_honest_server_starts_with_its_canaries_passed(honest):
-    canaries = _state(honest)["canaries"]
+    canaries = server_state(honest)["canaries"]
     profile = load_profile(toy_profile_path())
     assert profile.canaries is not None
     assert canaries["status"] == "passed" and canaries["failed"] == [], canaries
@@ -364,7 +357,7 @@ def test_another_model_of_the_same_geometry_and_fingerprint_is_refused(tmp_path)
 @pytest.mark.vllm
 def test_the_toy_served_in_bfloat16_passes_its_canaries(tmp_path):
     with _toy_server(tmp_path, None, "--dtype", "bfloat16") as server:
-        canaries = _state(server)["canaries"]
+        canaries = server_state(server)["canaries"]
     assert canaries["status"] == "passed", canaries
 
 
@@ -378,32 +371,18 @@ def test_geometry_match_accepts_a_variant_whose_canaries_pass_and_refuses_anothe
     with pytest.raises(ServerStartError, match="model fingerprint"):
         _toy_server(tmp_path, variant).start()
     with _toy_server(tmp_path, variant, steer=("--profile-match", "geometry")) as server:
-        canaries = _state(server)["canaries"]
+        canaries = server_state(server)["canaries"]
     assert canaries["status"] == "passed" and canaries["match"] == "geometry", canaries
     other = _checkpoint_copy(tmp_path, "other", _random_like, {"torch_dtype": "bfloat16"})
     with pytest.raises(ServerStartError, match="steering does not do what the profile records"):
         _toy_server(tmp_path, other, steer=("--profile-match", "geometry")).start()
 
 
-def _post(server: VllmServer, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        f"{server.base_url}{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
-
-
 @pytest.mark.vllm
 def test_no_http_request_reaches_the_canary_path(honest):
     """On every route of the running app that steers or is refused, a body carrying the canary key, even
     with the deployment's secret, is refused before anything is generated."""
-    routes = _state(honest)["routes"]
+    routes = server_state(honest)["routes"]
     body = {
         "model": str(toy_model_dir()),
         "prompt": "USER: What colour is the object?\nASSISTANT:",
@@ -417,12 +396,12 @@ def test_no_http_request_reaches_the_canary_path(honest):
     ]
     for path in [*routes["steered"], *routes["refused"]]:
         for extra in carried:
-            status, answer = _post(honest, path.replace("{", "").replace("}", ""), {**body, **extra})
+            status, answer, _ = post_json(honest, path.replace("{", "").replace("}", ""), {**body, **extra})
             assert status == 400, (path, extra, status, answer)
-    assert _state(honest)["canaries"]["status"] == "passed"
+    assert server_state(honest)["canaries"]["status"] == "passed"
 
 
 @pytest.mark.vllm
 def test_the_canaries_run_again_on_demand(honest):
-    status, report = _post(honest, "/v1/modality_steer/canaries", {})
+    status, report, _ = post_json(honest, "/v1/modality_steer/canaries", {})
     assert status == 200 and report["status"] == "passed", report

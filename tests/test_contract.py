@@ -18,7 +18,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from helpers import assert_same_steps, engine_env, reference_steps, run_engine_script, serve
+from helpers import (
+    assert_same_steps,
+    engine_env,
+    post_json,
+    reference_steps,
+    run_engine_script,
+    serve,
+    server_state,
+)
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -414,25 +422,6 @@ def open_server(tiny_llava, llava_profile):
         yield server
 
 
-def _post(server: Any, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
-    request = urllib.request.Request(
-        f"{server.base_url}{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read()), dict(response.headers)
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}"), dict(error.headers)
-
-
-def _state(server: Any) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{server.base_url}/v1/modality_steer/state", timeout=30) as response:
-        return json.loads(response.read())
-
-
 def _bodies(model: str, sample: Any) -> dict[str, dict[str, Any]]:
     """A valid request without steering for every route that reaches generation and that modality-steer
     handles; a steered route missing here fails test_every_route_reaching_generation_obeys_the_policy."""
@@ -487,7 +476,7 @@ def test_every_route_is_classified(enforced, open_server):
     """The route table is derived from the running app: every path of its OpenAPI document is steered,
     inert or refused, and the refused ones are exactly those this vLLM version is known to have."""
     for server, prefix in ((enforced, ROOT), (open_server, "")):
-        routes = _state(server)["routes"]
+        routes = server_state(server)["routes"]
         with urllib.request.urlopen(f"{server.base_url}{prefix}/openapi.json", timeout=30) as response:
             document = json.loads(response.read())
         known = set(routes["steered"]) | set(routes["inert"]) | set(routes["refused"])
@@ -503,28 +492,28 @@ def test_every_route_reaching_generation_obeys_the_policy(
 ):
     model = str(tiny_llava)
     bodies = _bodies(model, serve_samples[3])
-    routes = _state(enforced)["routes"]
+    routes = server_state(enforced)["routes"]
     assert set(routes["steered"]) <= set(bodies), "a steered route the tests do not know"
     for path in routes["steered"]:
         body = bodies[path]
         for server, prefix in ((enforced, ROOT), (open_server, "")):
             for bad in ("bogus", {"follow": "image", "gain": -1}, {"follow": "sideways"}):
-                status, error, _ = _post(server, prefix + path, {**body, "modality_steer": bad})
+                status, error, _ = post_json(server, prefix + path, {**body, "modality_steer": bad})
                 assert status == 400 and error["error"]["param"] == "modality_steer", (path, bad, error)
-                status, error, _ = _post(
+                status, error, _ = post_json(
                     server, prefix + path, {**body, "vllm_xargs": {"modality_steer": json.dumps(bad)}}
                 )
                 assert status == 400 and error["error"]["param"] == "modality_steer", (path, bad, error)
         for asked in ("image", {"follow": "text", "gain": 0}, "off", {"heads": [[0, 1, 2.0]]}):
-            status, error, _ = _post(enforced, ROOT + path, {**body, "modality_steer": asked})
+            status, error, _ = post_json(enforced, ROOT + path, {**body, "modality_steer": asked})
             assert status == 403 and error["error"]["param"] == "modality_steer", (path, asked, error)
-        status, implicit, headers = _post(enforced, ROOT + path, body)
+        status, implicit, headers = post_json(enforced, ROOT + path, body)
         assert status == 200, (path, implicit)
         assert headers["x-modality-steer"].startswith("mode=text; gain=3"), (path, headers)
-        status, explicit, _ = _post(enforced, ROOT + path, {**body, "modality_steer": "text"})
+        status, explicit, _ = post_json(enforced, ROOT + path, {**body, "modality_steer": "text"})
         assert status == 200 and _answer(path, implicit) == _answer(path, explicit), path
     # The chat answer under enforcement is the text-steered one of an independent implementation.
-    status, reply, _ = _post(enforced, ROOT + "/v1/chat/completions", bodies["/v1/chat/completions"])
+    status, reply, _ = post_json(enforced, ROOT + "/v1/chat/completions", bodies["/v1/chat/completions"])
     expected = reference_steps(load_model(tiny_llava), load_profile(llava_profile), serve_samples[3], "text")
     got = [
         (token.strip(), {k.strip(): v for k, v in top.items()})
@@ -532,18 +521,18 @@ def test_every_route_reaching_generation_obeys_the_policy(
     ]
     assert_same_steps(got, expected[: len(got)], 1e-3)
     for path in routes["refused"]:
-        status, error, _ = _post(enforced, ROOT + path, {"model": model, "prompt": "hi"})
+        status, error, _ = post_json(enforced, ROOT + path, {"model": model, "prompt": "hi"})
         assert status == 403 and error["error"]["param"] == "modality_steer", (path, error)
-        status, error, _ = _post(open_server, path, {"model": model, "modality_steer": "text"})
+        status, error, _ = post_json(open_server, path, {"model": model, "modality_steer": "text"})
         assert status == 400 and "does not take modality_steer" in error["error"]["message"], (path, error)
 
 
 def test_root_path_is_matched_as_the_router_matches_it(enforced, tiny_llava):
     body = {"model": str(tiny_llava), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for path in (f"{ROOT}/v1/chat/completions", "/v1/chat/completions"):
-        status, error, _ = _post(enforced, path, {**body, "modality_steer": "image"})
+        status, error, _ = post_json(enforced, path, {**body, "modality_steer": "image"})
         assert status == 403, (path, error)
-        status, _, headers = _post(enforced, path, body)
+        status, _, headers = post_json(enforced, path, body)
         assert status == 200 and headers["x-modality-steer"].startswith("mode=text"), path
 
 
@@ -553,7 +542,7 @@ def test_beam_search_is_refused_with_steering_and_runs_enforced(
     model = str(tiny_llava)
     beam = {"model": model, "max_tokens": 3, "use_beam_search": True, "n": 1, "ignore_eos": True}
     for steer in ({"follow": "image", "gain": 0}, "text", {"heads": [[0, 1, 0.0]]}):
-        status, error, _ = _post(
+        status, error, _ = post_json(
             open_server,
             "/v1/chat/completions",
             {**beam, "messages": openai_messages(serve_samples[0]), "modality_steer": steer},
@@ -564,16 +553,18 @@ def test_beam_search_is_refused_with_steering_and_runs_enforced(
     differs = 0
     for sample in serve_samples[:8]:
         messages = openai_messages(sample)
-        status, searched, _ = _post(enforced, ROOT + "/v1/chat/completions", {**beam, "messages": messages})
+        status, searched, _ = post_json(
+            enforced, ROOT + "/v1/chat/completions", {**beam, "messages": messages}
+        )
         assert status == 200, searched
-        status, greedy, _ = _post(
+        status, greedy, _ = post_json(
             enforced,
             ROOT + "/v1/chat/completions",
             {"model": model, "messages": messages, "max_tokens": 3, "temperature": 0, "ignore_eos": True},
         )
         answers = (r["choices"][0]["message"]["content"].strip() for r in (searched, greedy))
         assert next(answers) == next(answers)
-        status, plain, _ = _post(
+        status, plain, _ = post_json(
             open_server,
             "/v1/chat/completions",
             {"model": model, "messages": messages, "max_tokens": 3, "temperature": 0, "ignore_eos": True},
@@ -583,7 +574,7 @@ def test_beam_search_is_refused_with_steering_and_runs_enforced(
 
 
 def _completion(server: Any, model: str, prompt: str, **fields: Any) -> dict[str, Any]:
-    status, body, _ = _post(
+    status, body, _ = post_json(
         server,
         "/v1/completions",
         {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "logprobs": 5, **fields},
@@ -629,7 +620,7 @@ def test_prefix_cache_is_shared_only_by_identical_steering(open_server, tiny_lla
         reply = _completion(open_server, model, LONG_PROMPT, modality_steer=steer, cache_salt=salt)
         assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # another client salt
         _assert_close(reply, steered)
-    status, error, _ = _post(
+    status, error, _ = post_json(
         open_server,
         "/v1/completions",
         {"model": model, "prompt": "hi", "cache_salt": "s" * 129, "modality_steer": "text"},
@@ -899,7 +890,7 @@ def test_preemption_with_more_configurations_than_slots(scheduling):
 
         def send(index: int) -> tuple[int, dict[str, Any], dict[str, str]]:
             time.sleep(0.3 * index)
-            return _post(server, "/v1/completions", body(index))
+            return post_json(server, "/v1/completions", body(index))
 
         before = _preemptions(server)
         with ThreadPoolExecutor(max_workers=count) as pool:
@@ -907,14 +898,14 @@ def test_preemption_with_more_configurations_than_slots(scheduling):
         assert all(status == 200 for status, _, _ in replies), [r[1] for r in replies if r[0] != 200]
         assert len({reply["choices"][0]["text"] for _, reply, _ in replies}) > 1  # the gains matter
         assert _preemptions(server) > before, "the test must force preemption"
-        slots = _state(server)["workers"][0]["max_slots"]
+        slots = server_state(server)["workers"][0]["max_slots"]
         if scheduling == "priority":
             # The worker's high-water mark: more configurations in flight (running and preempted) than slots.
-            peak = _state(server)["workers"][0]["requests_tracked_peak"]
+            peak = server_state(server)["workers"][0]["requests_tracked_peak"]
             assert peak > slots, (peak, slots)
         assert server.healthy()
         for index, (_, reply, _) in enumerate(replies):
-            status, alone, _ = _post(server, "/v1/completions", body(index))
+            status, alone, _ = post_json(server, "/v1/completions", body(index))
             assert status == 200 and alone["choices"][0]["text"] == reply["choices"][0]["text"], index
-        state = _state(server)["workers"]
+        state = server_state(server)["workers"]
         assert all(w["slots_in_use"] == 0 and w["requests_tracked"] == 0 for w in state), state

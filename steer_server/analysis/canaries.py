@@ -48,6 +48,10 @@ def _measure(runner: Runner, profile: Profile, indices: Sequence[int]) -> dict[s
     return values
 
 
+class NoCanaries(AnalysisError):
+    """No report conflict of an instruction moves enough under the profile's gains to serve as a canary."""
+
+
 def measure_canaries(
     loaded: LoadedModel,
     profile: Profile,
@@ -59,7 +63,7 @@ def measure_canaries(
     the model in bfloat16 (call it last).
 
     Raises:
-        AnalysisError: an instruction without a conflict whose own block effect clears the threshold (the
+        NoCanaries: an instruction without a conflict whose own block effect clears the threshold (the
             profile's gains do not measurably move any report conflict of that instruction).
     """
     runner = Runner(loaded, report_conflicts, batch_size)
@@ -91,7 +95,7 @@ def measure_canaries(
             and abs(effect[i]) >= EFFECT_OVER_TOLERANCE * tolerance
         ][:per_mode]
         if not ranked:
-            raise AnalysisError(
+            raise NoCanaries(
                 f"no report conflict of instruction {mode!r} moves by {EFFECT_OVER_TOLERANCE:g} x the tolerance "
                 f"({tolerance:.3f}) when its heads are blocked: the profile's effect cannot be checked at deployment"
             )

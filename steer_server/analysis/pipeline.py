@@ -24,6 +24,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from ..hf.model import load_model
 from ..profile import MODES, PROFILE_FORMAT, Profile, model_fingerprint, save_profile
 from .ablation import ModeResult, rank_mode
 from .attribution import attribution
-from .canaries import measure_canaries
+from .canaries import NoCanaries, measure_canaries
 from .config import AnalysisConfig, AnalysisError
 from .knockout import knockout
 from .logit_lens import semantic_inertia
@@ -230,10 +231,18 @@ def analyze(
     )
     if config.canaries:
         # Last: it leaves the model in bfloat16.
-        canaries = measure_canaries(loaded, profile, report_conflicts, config.canaries, config.batch_size)
-        profile = Profile.model_validate(
-            {**profile.model_dump(mode="json"), "canaries": canaries.model_dump(mode="json")}
-        )
+        try:
+            canaries = measure_canaries(loaded, profile, report_conflicts, config.canaries, config.batch_size)
+        except NoCanaries as exc:
+            # The profile is still the analysis' result; a deployment serves it only unverified.
+            warnings.warn(f"the profile carries no canaries: {exc}", stacklevel=2)
+            profile = Profile.model_validate(
+                {**profile.model_dump(mode="json"), "provenance": {**provenance, "canaries": f"none: {exc}"}}
+            )
+        else:
+            profile = Profile.model_validate(
+                {**profile.model_dump(mode="json"), "canaries": canaries.model_dump(mode="json")}
+            )
     return AnalysisResult(
         profile=profile,
         knockout=flow,

@@ -168,10 +168,13 @@ def settings() -> PluginSettings | None:
             f"{PROFILE_MATCH_ENV} (--profile-match) must be one of {', '.join(PROFILE_MATCHES)}, got {match!r}"
         )
     if canaries == "on" and profile.canaries is None:
+        why = (profile.model_extra or {}).get("provenance", {}).get("canaries")
         raise SteeringConfigError(
-            f"modality-steer: the profile {path} carries no canaries, so this deployment cannot check that its "
-            "steering does what the profile records; re-run `modality-steer analyze` (it writes them), or serve "
-            "it unverified with --canaries off"
+            f"modality-steer: the profile {path} carries no canaries"
+            + (f" (the analysis: {why})" if why else "")
+            + ", so this deployment cannot check that its steering does what the profile records; re-run "
+            "`modality-steer analyze` (it writes them where the profile's gains have a measurable effect), or "
+            "serve it unverified with --canaries off"
         )
     checked = canaries == "on" or (canaries == "auto" and profile.canaries is not None)
     if match == "geometry" and not checked:

@@ -279,7 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(results)
     print(text)
     if args.markdown:
-        args.markdown.write_text(text + "\n")
+        heading = (
+            "# The vLLM adapter's rows against vLLM releases\n\n"
+            "Written by `make vllm-compat` (`python -m steer_server.serving.vllm_adapter.compat`): every row of "
+            "`steer_server/serving/vllm_adapter/table.py` checked against each release's Python sources. "
+            "`ok`: present with the parameters the plugin relies on; `n/a`: the row does not apply to that "
+            "release (its range says so); `broken`: it applies and does not match.\n\n"
+        )
+        args.markdown.write_text(heading + text + "\n")
     return int(any(r.status == "broken" for rs in results.values() for r in rs))
 
 
