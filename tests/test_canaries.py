@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.error
+import urllib.request
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -405,3 +407,40 @@ def test_no_http_request_reaches_the_canary_path(honest):
 def test_the_canaries_run_again_on_demand(honest):
     status, report, _ = post_json(honest, "/v1/modality_steer/canaries", {})
     assert status == 200 and report["status"] == "passed", report
+
+
+@pytest.mark.vllm
+def test_canaries_go_through_every_data_parallel_engine(tmp_path):
+    """`--data-parallel-size 2` (two engines, two API servers): every API server checks every canary on
+    both engines before it serves."""
+    profile = load_profile(toy_profile_path())
+    assert profile.canaries is not None
+    with _toy_server(tmp_path, None, "--data-parallel-size", "2") as server:
+        for _ in range(4):  # either API server may answer
+            canaries = server_state(server)["canaries"]
+            assert canaries["status"] == "passed", canaries
+            assert canaries["checks"] == 2 * len(profile.canaries.samples) * len(CANARY_SETTINGS), canaries
+
+
+@pytest.mark.vllm
+def test_canaries_run_under_an_enforced_policy_and_an_api_key(tmp_path):
+    """The canaries need steering no client may ask for under `--enforce-steer text` (off, image block):
+    the internal path gives it to them, and only to them; clients still get 403 for it."""
+    with _toy_server(tmp_path, None, "--api-key", "k", steer=("--enforce-steer", "text")) as server:
+        request = urllib.request.Request(
+            f"{server.base_url}/v1/modality_steer/state", headers={"Authorization": "Bearer k"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            canaries = json.loads(response.read())["canaries"]
+        assert canaries["status"] == "passed", canaries
+        request = urllib.request.Request(
+            f"{server.base_url}/v1/completions",
+            data=json.dumps(
+                {"model": str(toy_model_dir()), "prompt": "hi", "max_tokens": 1, "modality_steer": "off"}
+            ).encode(),
+            headers={"Content-Type": "application/json", "Authorization": "Bearer k"},
+            method="POST",
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 403

@@ -188,10 +188,17 @@ def test_dummy_runs_scale_nothing_and_settings_reach_ray_workers(tiny_llava, lla
         **inherited,
         "MODALITY_STEER_PROFILE": str(llava_profile),
         "MODALITY_STEER_DEFAULT": "image",
+        "MODALITY_STEER_CANARIES": "auto",  # a hand-made profile: no canaries
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
     }
     results = run_engine_script(IN_PROCESS, tiny_llava, tmp_path, env)
     assert results["dummy"]["before"] == {"active": True, "slot_map_nonzero": 1}  # the last steered step
     assert results["dummy"]["after"] == {"active": False, "slot_map_nonzero": 0}
-    assert results["ray_copies"] == ["MODALITY_STEER_DEFAULT", "MODALITY_STEER_PROFILE"]
+    # The canary secret too: a worker's handshake reports its digest.
+    assert results["ray_copies"] == [
+        "MODALITY_STEER_CANARIES",
+        "MODALITY_STEER_CANARY_SECRET",
+        "MODALITY_STEER_DEFAULT",
+        "MODALITY_STEER_PROFILE",
+    ]
