@@ -91,11 +91,15 @@ def chat(
     steer: Any = None,
     max_tokens: int = MAX_TOKENS,
     token_ids: bool = False,
+    kv_transfer_params: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
     """A greedy chat request with top-5 logprobs; `token_ids`: tokens come back as ``token_id:N`` (for
-    byte-level vocabularies whose token strings do not survive detokenisation)."""
+    byte-level vocabularies whose token strings do not survive detokenisation); `kv_transfer_params` as
+    vLLM's disaggregated-prefill proxies send them."""
     extra: dict[str, Any] = {"ignore_eos": True}
+    if kv_transfer_params is not None:
+        extra["kv_transfer_params"] = kv_transfer_params
     if token_ids:
         extra["return_tokens_as_token_ids"] = True
     if steer is not None:

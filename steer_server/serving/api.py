@@ -30,6 +30,7 @@ from typing import Any
 
 from ..spec import SteerSpec, spec_json_schema
 from .canary import RERUN_PATH, CanaryReport, last_report, serving_blocked
+from .kv_transfer import deployment_id
 from .policy import PolicyError, asked_spec, policy, rewrite
 from .settings import EXTRA_ARGS_KEY, PluginSettings, SteeringConfigError, settings
 
@@ -468,6 +469,8 @@ class ModalitySteerMiddleware:
             200,
             {
                 "profile_id": self.plugin.profile.profile_id,
+                # Prefill and decode instances of one deployment must report the same (kv_transfer).
+                "deployment_id": deployment_id(self.policy),
                 "policy": {
                     "default": self.policy.default.to_wire(),
                     "enforce": None if self.policy.enforce is None else self.policy.enforce.to_wire(),

@@ -24,6 +24,7 @@ import hashlib
 from typing import Any
 
 from ..spec import effective_gains, gains_digest
+from .kv_transfer import KV_PARAMS_ARG, KVFacts, check_kv_origin
 from .policy import Policy, PolicyError
 from .settings import CANARY_KEY, EXTRA_ARGS_KEY
 
@@ -39,22 +40,26 @@ def steering_salt(client_salt: str | None, gains: dict[tuple[int, int], float]) 
     return salt
 
 
-def steer_engine_request(request: Any, contract: Policy) -> None:
+def steer_engine_request(request: Any, contract: Policy, kv: KVFacts | None = None) -> None:
     """Decide an `EngineCoreRequest`'s steering under `contract`: write the canonical spec into its
-    sampling params' `extra_args` and derive its cache salt.
+    sampling params' `extra_args` and derive its cache salt; when the engine has a KV connector (`kv`),
+    refuse a request whose KV would come from an instance that did not steer it the same way
+    (:func:`~steer_server.serving.kv_transfer.check_kv_origin`).
 
     Raises:
         PolicyError: the request's spec is malformed (400) or against the policy (403); a pooling request
             when the deployment steers requests that ask for nothing (it cannot be steered); a canary key
-            that is not the deployment's secret (400).
+            that is not the deployment's secret (400); KV from another deployment or steering (400, 409).
     """
     params = request.sampling_params
+    canary = False
     if params is None:
         contract.refuse_pooling()
         gains: dict[tuple[int, int], float] = {}
     else:
         extra = dict(params.extra_args or {})
-        if CANARY_KEY in extra:
+        canary = CANARY_KEY in extra
+        if canary:
             # The deployment's own canary: the spec it names, under the settings' limits, not the policy.
             if not contract.plugin.is_canary_token(extra.pop(CANARY_KEY)):
                 raise PolicyError(400, "invalid", f"{CANARY_KEY} is internal to the deployment")
@@ -65,3 +70,7 @@ def steer_engine_request(request: Any, contract: Policy) -> None:
         params.extra_args = extra
         gains = effective_gains(spec, contract.plugin.profile)
     request.cache_salt = steering_salt(request.cache_salt, gains)
+    if kv is not None and kv.connector is not None and not canary:
+        # The deployment's own canaries compute their KV here (they never name remote KV).
+        kv_params = (params.extra_args or {}).get(KV_PARAMS_ARG) if params is not None else None
+        check_kv_origin(kv_params, kv, contract, request.cache_salt)

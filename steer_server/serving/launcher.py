@@ -112,6 +112,14 @@ class VllmServer:
         Raises:
             ServerStartError: it exited or was not healthy in time (with the end of its log).
         """
+        self.launch()
+        self.wait_healthy()
+        return self
+
+    def launch(self) -> None:
+        """Start the server's process without waiting for it (several servers then start side by side;
+        :meth:`wait_healthy` waits). Call it from the thread that outlives the server: the process is
+        killed when its parent thread ends (`PR_SET_PDEATHSIG`)."""
         log = self.log_path.open("wb")
         # The working directory is a scratch folder so that nothing in the caller's folder (a source
         # checkout, say) shadows installed modules inside the engine's processes.
@@ -125,8 +133,6 @@ class VllmServer:
             preexec_fn=_die_with_parent,
         )
         log.close()
-        self._wait_healthy()
-        return self
 
     def log_tail(self, lines: int = 200) -> str:
         """The last `lines` lines of the server's log."""
@@ -135,7 +141,12 @@ class VllmServer:
         except OSError:
             return "(no log)"
 
-    def _wait_healthy(self) -> None:
+    def wait_healthy(self) -> None:
+        """Wait until the launched server's `/health` answers.
+
+        Raises:
+            ServerStartError: it exited or was not healthy in time (with the end of its log).
+        """
         assert self.process is not None
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:

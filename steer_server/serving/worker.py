@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..profile import model_fingerprint
 from ..spec import SpecError, gains_digest
+from .kv_transfer import KVFacts, kv_refusals
 from .settings import EXTRA_ARGS_KEY, PluginSettings, SteeringConfigError
 
 logger = logging.getLogger("modality_steer")
@@ -39,6 +40,7 @@ class EngineFacts:
     adaptive_verification: bool  # speculative_config.enable_adaptive_verification
     prefill_context_parallel: int  # parallel_config.prefill_context_parallel_size
     overridden_hooks: tuple[str, ...] = ()  # runner methods a subclass overrides past the plugin's hooks
+    kv: KVFacts = field(default_factory=KVFacts)  # KV connectors, offloading and encoder-cache connectors
 
 
 def engine_refusals(facts: EngineFacts, local_heads: int, max_tokens: int) -> list[str]:
@@ -56,7 +58,9 @@ def engine_refusals(facts: EngineFacts, local_heads: int, max_tokens: int) -> li
     - vLLM's Rust front-end (`VLLM_USE_RUST_FRONTEND`, `vllm/entrypoints/cli/serve.py`): it serves HTTP
       without the API server's app and request builders, where `modality_steer` is read;
     - limits of the kernel: local heads per rank and tokens per step
-      (`steer_server.kernels.head_scale.MAX_HEADS`, `MAX_TOKENS`).
+      (`steer_server.kernels.head_scale.MAX_HEADS`, `MAX_TOKENS`);
+    - KV connectors and offloading backends whose stored KV is not keyed by the steering
+      (:func:`~steer_server.serving.kv_transfer.kv_refusals`).
     """
     from ..kernels.head_scale import MAX_HEADS, MAX_TOKENS
 
@@ -86,6 +90,7 @@ def engine_refusals(facts: EngineFacts, local_heads: int, max_tokens: int) -> li
         refusals.append(
             f"{max_tokens} tokens per step (the kernel takes {MAX_TOKENS}; lower --max-num-batched-tokens)"
         )
+    refusals.extend(kv_refusals(facts.kv))
     return refusals
 
 

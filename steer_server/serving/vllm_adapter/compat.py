@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from .table import ROWS, Row
+from .table import ROW_BY_KEY, ROWS, Row
 
 SOURCE_PREFIX = "vllm/"
 
@@ -256,6 +256,61 @@ def markdown(results: dict[str, list[RowResult]]) -> str:
     return "\n".join([*lines, "", "; ".join(totals)])
 
 
+def registered_connectors(tree: SourceTree, key: str) -> list[str]:
+    """The names a connector factory registers in the tree (its ``register_connector("Name", ...)``
+    calls; rows ``kv.factory.registry``, ``ec.factory.registry``)."""
+    module = tree.parse(ROW_BY_KEY[key].module)
+    if module is None:
+        return []
+    return sorted(
+        {
+            node.args[0].value
+            for node in ast.walk(module)
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "register_connector"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        }
+    )
+
+
+def connector_markdown(trees: list[SourceTree]) -> tuple[str, int]:
+    """Every KV and encoder-cache connector the trees register, with its classification
+    (:data:`..kv_transfer.KV_CONNECTORS`, :data:`..kv_transfer.EC_CONNECTORS`); and how many a tree
+    registers that the tables lack."""
+    from ..kv_transfer import EC_CONNECTORS, KV_CONNECTORS
+
+    present = {
+        (key, tree.version): set(registered_connectors(tree, key))
+        for key in ("kv.factory.registry", "ec.factory.registry")
+        for tree in trees
+    }
+    lines = [
+        "| connector | kind | " + " | ".join(t.version for t in trees) + " | allowed | keyed by | why |",
+        "|---|---|" + "---|" * len(trees) + "---|---|---|",
+    ]
+    unclassified = 0
+    for key, kind, table in (
+        ("kv.factory.registry", "KV", KV_CONNECTORS),
+        ("ec.factory.registry", "EC", EC_CONNECTORS),
+    ):
+        names = sorted(set().union(*(present[(key, t.version)] for t in trees)) | set(table))
+        for name in names:
+            known = table.get(name)
+            unclassified += known is None
+            cells = ["yes" if name in present[(key, t.version)] else "-" for t in trees]
+            verdict = (
+                "**unclassified: refused**" if known is None else ("yes" if known.allowed else "refused")
+            )
+            lines.append(
+                f"| `{name}` | {kind} | " + " | ".join(cells) + f" | {verdict} | "
+                f"{known.keyed_by if known else '-'} | {known.why if known else '-'} |"
+            )
+    return "\n".join(lines), unclassified
+
+
 def installed_tree() -> SourceTree:
     """The installed vLLM's sources (found without importing vLLM)."""
     import importlib.util
@@ -276,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     trees = [] if args.no_installed else [installed_tree()]
     trees += [SourceTree.from_wheel(w) for w in args.wheel]
     results = {tree.version: check_tree(tree) for tree in trees}
-    text = markdown(results)
+    connectors, unclassified = connector_markdown(trees)
+    text = markdown(results) + "\n\n## KV and encoder-cache connectors\n\n" + connectors
     print(text)
     if args.markdown:
         heading = (
@@ -284,10 +340,12 @@ def main(argv: list[str] | None = None) -> int:
             "Written by `make vllm-compat` (`python -m steer_server.serving.vllm_adapter.compat`): every row of "
             "`steer_server/serving/vllm_adapter/table.py` checked against each release's Python sources. "
             "`ok`: present with the parameters the plugin relies on; `n/a`: the row does not apply to that "
-            "release (its range says so); `broken`: it applies and does not match.\n\n"
+            "release (its range says so); `broken`: it applies and does not match. The connectors' table: "
+            "each KV and encoder-cache connector a release registers, and whether the plugin allows it "
+            "(`steer_server/serving/kv_transfer.py`).\n\n"
         )
         args.markdown.write_text(heading + text + "\n")
-    return int(any(r.status == "broken" for rs in results.values() for r in rs))
+    return int(unclassified > 0 or any(r.status == "broken" for rs in results.values() for r in rs))
 
 
 if __name__ == "__main__":

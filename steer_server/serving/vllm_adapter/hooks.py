@@ -26,13 +26,23 @@ import secrets
 import sys
 import time
 import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from http import HTTPStatus
 from typing import Any
 
 from ..api import ModalitySteerMiddleware, document_parameter, require_armed_workers
 from ..canary import INTERNAL_RUN, CanaryReport, judge, record, served_metric
-from ..engine_core import steer_engine_request
+from ..engine_core import steer_engine_request, steering_salt
 from ..frontend import absorb_top_level, check_beam_search, decided_extra_args
+from ..kv_transfer import (
+    ATTESTATION_KEY,
+    KV_PARAMS_ARG,
+    MULTI_CONNECTOR_CHILDREN,
+    KVFacts,
+    attestation,
+    check_kv_origin,
+)
 from ..policy import PolicyError, policy
 from ..settings import (
     CANARY_KEY,
@@ -110,6 +120,10 @@ def install(version: str | None = None) -> None:
     factories = {
         "engine.from_engine_core_request": _from_engine_core_request,
         "frontend.process_inputs": _process_inputs,
+        "kv.scheduler_init": _scheduler_init,
+        "kv.connector_finished": _connector_finished,
+        "kv.example.get_num_new_matched_tokens": _example_get_num_new_matched_tokens,
+        "kv.example.build_connector_meta": _example_build_connector_meta,
         "api.init_entrypoints_middleware": _init_entrypoints_middleware,
         "api.launcher_init_entrypoints_middleware": _init_entrypoints_middleware,
         "api.init_endpoint_plugins_state": _init_endpoint_plugins_state,
@@ -171,7 +185,7 @@ def _from_engine_core_request(key: str) -> Any:
         contract = policy()
         if contract is not None:
             try:
-                steer_engine_request(request, contract)
+                steer_engine_request(request, contract, _ENGINE_KV)
             except PolicyError as exc:
                 logger.warning("modality-steer: refused request %s: %s", request.request_id, exc)
                 raise
@@ -244,9 +258,161 @@ def _process_inputs(key: str) -> Any:
         if extra is not None and request.sampling_params is not None:
             # A fresh dict: the caller's params (shared by the choices of n > 1) stay as they were.
             request.sampling_params.extra_args = {**(request.sampling_params.extra_args or {}), **extra}
+            _check_kv_origin_early(self.vllm_config, request, contract)
         return request
 
     return process_inputs
+
+
+# --------------------------------------------------------------------------------------------------
+# KV beyond the prefix cache: connectors, offloading, disaggregated prefill (..kv_transfer).
+# --------------------------------------------------------------------------------------------------
+
+# This EngineCore's KV transfer configuration, recorded when its scheduler is built (rows ``kv.*``); the
+# request hook reads it in the EngineCore's input thread.
+_ENGINE_KV: KVFacts | None = None
+
+
+def kv_facts(config: Any) -> KVFacts:
+    """The KV and encoder-cache connectors of a `VllmConfig` (rows ``config.kv_transfer.*``,
+    ``config.ec_transfer.*``); `--kv-offloading-size` has become a connector there already."""
+    ec = getattr(config, "ec_transfer_config", None)
+    ec_connector = getattr(ec, "ec_connector", None) if ec is not None else None
+    return _kv_connector_facts(getattr(config, "kv_transfer_config", None), ec_connector)
+
+
+def _kv_connector_facts(kv: Any, ec_connector: str | None = None) -> KVFacts:
+    """A `KVTransferConfig` (or one of `MultiConnector`'s child dicts) as :class:`KVFacts`."""
+
+    def get(name: str) -> Any:
+        return kv.get(name) if isinstance(kv, dict) else getattr(kv, name, None)
+
+    connector = get("kv_connector") if kv is not None else None
+    if connector is None:
+        return KVFacts(ec_connector=ec_connector)
+    extra = get("kv_connector_extra_config") or {}
+    children = extra.get(MULTI_CONNECTOR_CHILDREN, []) if connector == "MultiConnector" else []
+    return KVFacts(
+        connector=str(connector),
+        role=get("kv_role"),
+        module_path=get("kv_connector_module_path"),
+        children=tuple(_kv_connector_facts(child) for child in children),
+        ec_connector=ec_connector,
+    )
+
+
+def connector_registry() -> tuple[list[str], list[str]]:
+    """The names of every KV connector and every encoder-cache connector the installed vLLM registers
+    (rows ``kv.factory.registry``, ``ec.factory.registry``)."""
+    kv_factory = table.resolve(ROW_BY_KEY["kv.factory.registry"])[0]
+    ec_factory = table.resolve(ROW_BY_KEY["ec.factory.registry"])[0]
+    return sorted(kv_factory._registry), sorted(ec_factory._registry)
+
+
+def _scheduler_init(key: str) -> Any:
+    def init(self: Any, vllm_config: Any, *args: Any, **kwargs: Any) -> Any:
+        global _ENGINE_KV
+        _ENGINE_KV = kv_facts(vllm_config)
+        return original(key)(self, vllm_config, *args, **kwargs)
+
+    return init
+
+
+def _connector_finished(key: str) -> Any:
+    def connector_finished(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        delay_free, params = original(key)(self, request, *args, **kwargs)
+        contract = policy()
+        if contract is None or self.connector is None:
+            return delay_free, params
+        try:
+            params = {**(params or {}), ATTESTATION_KEY: attestation(contract, request.cache_salt)}
+        except Exception:  # never in the engine loop: unattested KV is refused by any consumer
+            logger.exception("modality-steer: no KV attestation for request %s", request.request_id)
+        return delay_free, params
+
+    return connector_finished
+
+
+class _SteeringFeature:
+    """Stands in, at the end of a request's `mm_features`, for one more multimodal identifier: the
+    steering key, which `ExampleConnector` then folds into the name of the KV it stores and loads."""
+
+    __slots__ = ("identifier",)
+
+    def __init__(self, identifier: str) -> None:
+        self.identifier = identifier
+
+
+def steering_key(request: Any) -> str:
+    """The key a token-keyed connector stores a request's KV under besides its tokens: the steering salt
+    of its decided spec without the client's part, ``modality_steer:ms<gains digest>``. Never raises:
+    a request whose steering cannot be read gets a key of its own (its KV is then never shared)."""
+    try:
+        params = request.sampling_params
+        spec = (params.extra_args or {}).get(EXTRA_ARGS_KEY) if params is not None else None
+        plugin = settings()
+        gains = plugin.gains_for(spec) if plugin is not None else {}
+        return f"{ATTESTATION_KEY}:{steering_salt(None, gains)}"
+    except Exception:
+        logger.exception("modality-steer: request %s: unreadable steering", getattr(request, "req_id", "?"))
+        return f"{ATTESTATION_KEY}:unshared:{uuid.uuid4().hex}"
+
+
+@contextmanager
+def keyed_by_steering(requests: Iterable[Any]) -> Iterator[None]:
+    """While a token-keyed connector's scheduler side reads `mm_features` (rows ``kv.request.mm_features``,
+    ``kv.new_req.mm_features``), each request's list ends with its :func:`steering_key`; restored after,
+    so that nothing else (the workers' encoder inputs, the prefix cache) sees it."""
+    saved: list[tuple[Any, Any]] = []
+    try:
+        for request in requests:
+            features = request.mm_features
+            saved.append((request, features))
+            request.mm_features = [*(features or ()), _SteeringFeature(steering_key(request))]
+        yield
+    finally:
+        for request, features in saved:
+            request.mm_features = features
+
+
+def _example_get_num_new_matched_tokens(key: str) -> Any:
+    def get_num_new_matched_tokens(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        with keyed_by_steering([request]):
+            return original(key)(self, request, *args, **kwargs)
+
+    return get_num_new_matched_tokens
+
+
+def _example_build_connector_meta(key: str) -> Any:
+    def build_connector_meta(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        pending = list(
+            getattr(self, ROW_BY_KEY["kv.example.requests_need_load"].name.split(".")[-1]).values()
+        )
+        with keyed_by_steering([*scheduler_output.scheduled_new_reqs, *pending]):
+            return original(key)(self, scheduler_output, *args, **kwargs)
+
+    return build_connector_meta
+
+
+def _check_kv_origin_early(config: Any, request: Any, contract: Any) -> None:
+    """The EngineCore's KV origin check, made where a refusal still becomes an HTTP status (the
+    EngineCore fails a refused request as an internal error): the same steering salt the EngineCore will
+    derive (rows ``frontend.vllm_config``, ``engine.request.cache_salt``).
+
+    Raises:
+        vllm.exceptions.VLLMValidationError / GracefulHTTPError: 400 or 409, see
+            :func:`~steer_server.serving.kv_transfer.check_kv_origin`.
+    """
+    kv = kv_facts(config)
+    extra = request.sampling_params.extra_args or {}
+    if kv.connector is None or CANARY_KEY in extra:
+        return
+    try:
+        plugin = contract.plugin
+        salt = steering_salt(request.cache_salt, plugin.gains_for(extra.get(EXTRA_ARGS_KEY)))
+        check_kv_origin(extra.get(KV_PARAMS_ARG), kv, contract, salt)
+    except PolicyError as exc:
+        raise as_vllm_error(exc) from exc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,6 +633,7 @@ def engine_facts(config: Any, runner: Any | None) -> EngineFacts:
         if kind == "V2"
         else 1,
         overridden_hooks=overridden_hooks(runner, kind) if kind is not None else (),
+        kv=kv_facts(config),
     )
 
 
