@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -153,6 +154,13 @@ def analyze(
     ] = 0.5,
     top_frac: Annotated[float, typer.Option(help="Share of all heads to select per mode, in (0, 1].")] = 0.05,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Weights and forward passes: float32, bfloat16 or float16 (the metric, the attribution's "
+            "sums and the logit lens stay float32)."
+        ),
+    ] = "float32",
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 32,
     limit: Annotated[int | None, typer.Option(help="Use only the first N samples.")] = None,
     plots: Annotated[Path | None, typer.Option(help="Folder for the PNG plots.")] = None,
@@ -166,6 +174,13 @@ def analyze(
             "effect, checked by every deployment before it serves; 0: none)."
         ),
     ] = 3,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Keep finished stages in <out stem>.checkpoint/ and resume an interrupted run of the same "
+            "model, data and settings from them (removed once the profile is written)."
+        ),
+    ] = True,
 ) -> None:
     """Find the heads that arbitrate between image and text; validate them; write a profile."""
     from .analysis.config import AnalysisConfig, AnalysisError
@@ -180,6 +195,7 @@ def analyze(
     config = AnalysisConfig(
         top_frac=top_frac,
         device=device,
+        dtype=dtype,
         batch_size=batch_size,
         limit=limit,
         knockout_samples=knockout_samples,
@@ -188,12 +204,16 @@ def analyze(
         holdout=holdout,
         canaries=canaries,
     )
+    # Finished stages go beside the profile; a rerun of the same analysis resumes from them.
+    checkpoint = out.with_name(out.stem + ".checkpoint") if resume else None
     try:
-        result = run_analysis(model_dir, data, config, eval_data=eval_data)
+        result = run_analysis(model_dir, data, config, eval_data=eval_data, checkpoint=checkpoint)
     except (AnalysisError, DataError, UnsupportedArchitectureError, ModelLoadError) as exc:
         _fail(str(exc))
     for path in write_outputs(result, out, plots):
         typer.echo(f"wrote {path}")
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint, ignore_errors=True)
     summary = result.profile.model_extra["validation"]["summary"] if result.profile.model_extra else {}
     typer.echo(json.dumps({"default_gain": result.profile.default_gain, **summary}, indent=2))
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -440,7 +441,7 @@ def assert_choices_never_saw_the_reported_split(raw, selection_path, report_path
 
 
 @pytest.mark.slow
-def test_analysis_recovers_the_toys_planted_circuit(tmp_path):
+def test_analysis_recovers_the_toys_planted_circuit(tmp_path, monkeypatch):
     """The toy model's arbitration was trained into known heads per instruction (its recipe); the analysis,
     rerun here on a CI-sized subset of the synthetic splits and not told which heads, must name exactly
     those for each mode, with validation figures (on the other split) that meet the analysis targets."""
@@ -452,6 +453,8 @@ def test_analysis_recovers_the_toys_planted_circuit(tmp_path):
         subsets[name].write_text("".join(line + "\n" for line in data[name].read_text().splitlines()[:120]))
     config = AnalysisConfig(gains=(2.0, 4.0), random_draws=2, knockout_samples=8, progress=False)
     result = analyze(toy_model_dir(), subsets["validation"], config, eval_data=subsets["test"])
+    with pytest.raises(AnalysisError, match="--dtype"):
+        replace(config, dtype="float64").check()
     profile = result.profile
     for mode in ("image", "text"):
         planted = {tuple(cell) for cell in recipe[f"{mode}_heads"]}
@@ -469,6 +472,32 @@ def test_analysis_recovers_the_toys_planted_circuit(tmp_path):
         assert profile.heads(mode)[0] in planted, mode
     summary = profile.model_extra["validation"]["summary"]
     assert summary["block_top_relative_drop"]["ci95"][0] >= 0.5, summary
+    # --dtype bfloat16 (the forwards in bfloat16, the metric and the attribution's sums in float32) chooses
+    # the same heads and default gain, and reports figures within the float32 run's intervals.
+    import steer_server.analysis.pipeline as pipeline
+
+    dtypes = []
+
+    def load_model_spy(*args, **kwargs):
+        loaded = load_model(*args, **kwargs)
+        dtypes.append(loaded.model.dtype)
+        return loaded
+
+    monkeypatch.setattr(pipeline, "load_model", load_model_spy)
+    half = analyze(
+        toy_model_dir(),
+        subsets["validation"],
+        replace(config, dtype="bfloat16", canaries=0),
+        eval_data=subsets["test"],
+    ).profile
+    assert dtypes == [torch.bfloat16]
+    assert half.model_extra["provenance"]["dtype"] == "bfloat16"
+    assert {m: half.heads(m) for m in ("image", "text")} == {m: profile.heads(m) for m in ("image", "text")}
+    assert half.default_gain == profile.default_gain
+    for name, figure in half.model_extra["validation"]["summary"].items():
+        if isinstance(figure, dict) and "ci95" in figure and "ci95" in summary.get(name, {}):
+            low, high = summary[name]["ci95"]
+            assert low <= figure["value"] <= high, name
     assert summary["block_random_relative_drop"]["value"] <= 0.1, summary
     assert summary["amplify_broken_share"]["value"] <= 0.05, summary
     raw = json.loads(profile.model_dump_json())
@@ -650,3 +679,53 @@ def test_logit_lens_adds_up_and_matches_a_hand_computed_decomposition(tiny_model
         assert float(found.embed[row]) == pytest.approx(
             float((direction * scale * embedding).sum()), abs=1e-4
         )
+
+
+def _without_timing(profile) -> dict:
+    raw = json.loads(profile.model_dump_json())
+    for key in ("seconds", "samples_per_second"):
+        raw["provenance"].pop(key)
+    return raw
+
+
+def test_a_run_killed_after_a_stage_resumes_to_the_same_profile(
+    tiny_llava, small_data, tmp_path, monkeypatch
+):
+    """Killed while validating: the stages before it are on disk; the rerun computes none of them again
+    and ends with the profile an uninterrupted run writes. A rerun with other settings starts afresh."""
+    import steer_server.analysis.pipeline as pipeline
+
+    config = AnalysisConfig(progress=False, limit=40, random_draws=1, knockout_samples=4, batch_size=20)
+    data, report = small_data["train"], small_data["test"]
+    whole = analyze(tiny_llava, data, config, eval_data=report)
+    folder = tmp_path / "profile.checkpoint"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "validate", killed)
+        with pytest.raises(KeyboardInterrupt):
+            analyze(tiny_llava, data, config, eval_data=report, checkpoint=folder)
+    assert sorted(p.stem for p in folder.glob("*.pt")) == [
+        "attribution",
+        "default_gain",
+        "heads.image",
+        "heads.text",
+    ]
+    assert not list(folder.glob("*.partial"))
+
+    def never(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    with monkeypatch.context() as patch:
+        for name in ("attribution", "rank_mode", "choose_default_gain"):
+            patch.setattr(pipeline, name, never)
+        resumed = analyze(tiny_llava, data, config, eval_data=report, checkpoint=folder)
+    assert _without_timing(resumed.profile) == _without_timing(whole.profile)
+    assert resumed.knockout == whole.knockout and resumed.logit_lens == whole.logit_lens
+    for mode in ("image", "text"):
+        assert torch.equal(resumed.scores[mode], whole.scores[mode])
+    with pytest.warns(UserWarning, match="left by another run"):
+        other = analyze(tiny_llava, data, replace(config, seed=1), eval_data=report, checkpoint=folder)
+    assert other.profile.model_extra["provenance"]["seconds"] > 0

@@ -49,7 +49,8 @@ def attribution(runner: Runner, geometry: ModelGeometry, progress: bool) -> torc
     m - m(z_h = 0) ~ sum over positions of z_h . dm/dz_h, which is also exactly dm/dgain_h at gain 1.
     Layers without attention heads (hybrid models) are NaN.
 
-    `hook_z` is held only for the batch in flight and reduced to [B, L, H] after the backward.
+    `hook_z` is held only for the batch in flight and reduced to [B, L, H] after the backward, in float32
+    (the forward and backward run in the model's dtype).
 
     Raises:
         AnalysisError: the forward did not pass through every attention layer's `o_proj` once.
@@ -73,7 +74,8 @@ def attribution(runner: Runner, geometry: ModelGeometry, progress: bool) -> torc
             )
             for layer, z in captured:
                 assert z.grad is not None
-                product = (z * z.grad).unflatten(-1, (geometry.num_heads, geometry.head_dim))  # [B, S, H, D]
+                # Products and sums in float32, whatever the forward's dtype (--dtype).
+                product = (z.float() * z.grad.float()).unflatten(-1, (geometry.num_heads, geometry.head_dim))
                 batch_scores[:, layer] = product.sum(dim=(1, 3)).detach().cpu()
             scores.append(batch_scores)
     return torch.cat(scores)

@@ -6,6 +6,9 @@ import math
 from dataclasses import dataclass
 
 DEFAULT_GAINS = (1.5, 2.0, 3.0, 4.0, 6.0)
+# --dtype: the forward passes' precision. The metric, the attribution's products and sums, and the
+# logit lens' decomposition are computed in float32 / float64 whatever it is.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class AnalysisError(ValueError):
@@ -19,6 +22,7 @@ class AnalysisConfig:
     Attributes:
         top_frac: share of all heads selected per mode, in (0, 1] (the paper selects about 5%).
         device: "cpu" or "cuda".
+        dtype: the weights' and forward passes' dtype (:data:`DTYPES`); float32 by default.
         batch_size: samples per forward pass.
         limit: use only the first N samples of each data file.
         gains: the amplification gains swept in the validation.
@@ -36,6 +40,7 @@ class AnalysisConfig:
 
     top_frac: float = 0.05
     device: str = "cpu"
+    dtype: str = "float32"
     batch_size: int = 32
     limit: int | None = None
     gains: tuple[float, ...] = DEFAULT_GAINS
@@ -54,6 +59,8 @@ class AnalysisConfig:
         """
         if not 0 < self.top_frac <= 1:
             raise AnalysisError(f"--top-frac must lie in (0, 1], got {self.top_frac}")
+        if self.dtype not in DTYPES:
+            raise AnalysisError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.canaries < 0:
             raise AnalysisError(f"--canaries must be >= 0, got {self.canaries}")
         if self.batch_size < 1:

@@ -26,7 +26,7 @@ import random
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,11 @@ from ..architectures import geometry_of, o_proj_modules
 from ..data.schema import LoadedSample, data_digest, load_samples
 from ..geometry import ModelGeometry
 from ..hf.model import load_model
-from ..profile import MODES, PROFILE_FORMAT, Profile, model_fingerprint, save_profile
+from ..profile import MODES, PROFILE_FORMAT, CanarySet, Profile, model_fingerprint, save_profile
 from .ablation import ModeResult, rank_mode
 from .attribution import attribution
 from .canaries import NoCanaries, measure_canaries
+from .checkpoint import Checkpoint
 from .config import AnalysisConfig, AnalysisError
 from .knockout import knockout
 from .logit_lens import semantic_inertia
@@ -140,12 +141,45 @@ def _check_heads(model: Any, geometry: ModelGeometry) -> None:
             )
 
 
+STAGES = [
+    "attribution",
+    *(f"heads.{mode}" for mode in MODES),
+    "default_gain",
+    "validation",
+    "knockout",
+    "logit_lens",
+    "canaries",
+]
+
+
+def run_key(
+    model_dir: Path, data_path: Path, eval_data: Path | None, config: AnalysisConfig
+) -> dict[str, Any]:
+    """What makes two runs the same run, for :class:`~.checkpoint.Checkpoint`: the model's fingerprint,
+    the data's digests, every setting but the progress bars, the tool's version."""
+    settings = {k: v for k, v in asdict(config).items() if k != "progress"}
+    return {
+        "tool": __version__,
+        "model": model_fingerprint(model_dir),
+        "data": data_digest(data_path),
+        "eval_data": data_digest(eval_data) if eval_data is not None else None,
+        "settings": json.loads(json.dumps(settings, default=list)),
+    }
+
+
 def analyze(
-    model_dir: Path, data_path: Path, config: AnalysisConfig, *, eval_data: Path | None = None
+    model_dir: Path,
+    data_path: Path,
+    config: AnalysisConfig,
+    *,
+    eval_data: Path | None = None,
+    checkpoint: Path | None = None,
 ) -> AnalysisResult:
     """Run the whole analysis: heads and the default gain are chosen on `data_path` (the selection split),
     every reported figure is measured on `eval_data` (the report split; default: `config.holdout` of
-    `data_path`, held out first). Nothing is written here (see :func:`write_outputs`).
+    `data_path`, held out first). Nothing is written here (see :func:`write_outputs`) but the finished
+    stages, to `checkpoint` when given (a rerun with the same model, data and settings resumes from them,
+    :mod:`.checkpoint`).
 
     Raises:
         AnalysisError: bad settings, data without conflicts of both modes, or report data that shares
@@ -169,38 +203,53 @@ def analyze(
         report_sha = data_digest(data_path)
     conflicts = _conflicts(samples, data_path)
     report_conflicts = _conflicts(report_samples, eval_data or data_path)
-    loaded = load_model(model_dir, device=config.device)
+    loaded = load_model(model_dir, device=config.device, dtype=config.dtype)
     geometry = geometry_of(loaded.model.config)
     _check_heads(loaded.model, geometry)
     k = max(1, round(config.top_frac * geometry.total_heads))
+    stages = Checkpoint(checkpoint, run_key(model_dir, data_path, eval_data, config), STAGES, config.progress)
 
     runner = Runner(loaded, conflicts, config.batch_size)
-    scores = attribution(runner, geometry, config.progress)
+    scores = stages.stage("attribution", lambda: attribution(runner, geometry, config.progress))
     results = {
-        mode: rank_mode(
-            runner,
-            [i for i, s in enumerate(conflicts) if s.sample.follow == mode],
-            scores,
-            geometry,
-            k,
-            config.candidate_factor,
-            config.progress,
+        mode: stages.stage(
+            f"heads.{mode}",
+            lambda mode=mode: rank_mode(  # type: ignore[misc]
+                runner,
+                [i for i, s in enumerate(conflicts) if s.sample.follow == mode],
+                scores,
+                geometry,
+                k,
+                config.candidate_factor,
+                config.progress,
+            ),
         )
         for mode in MODES
     }
     selected = {mode: results[mode].heads for mode in MODES}
-    default_gain, selection_sweep = choose_default_gain(runner, geometry, selected, config)
-    validation = validate(
-        Runner(loaded, report_samples, config.batch_size), geometry, selected, default_gain, config
+    default_gain, selection_sweep = stages.stage(
+        "default_gain", lambda: choose_default_gain(runner, geometry, selected, config)
+    )
+    validation = stages.stage(
+        "validation",
+        lambda: validate(
+            Runner(loaded, report_samples, config.batch_size), geometry, selected, default_gain, config
+        ),
     )
     window = config.knockout_window or max(1, geometry.num_layers // 8)
-    flow = knockout(
-        Runner(loaded, report_conflicts[: config.knockout_samples], config.batch_size),
-        geometry,
-        window,
-        config.progress,
+    flow = stages.stage(
+        "knockout",
+        lambda: knockout(
+            Runner(loaded, report_conflicts[: config.knockout_samples], config.batch_size),
+            geometry,
+            window,
+            config.progress,
+        ),
     )
-    lens = semantic_inertia(Runner(loaded, report_conflicts, config.batch_size), config.progress)
+    lens = stages.stage(
+        "logit_lens",
+        lambda: semantic_inertia(Runner(loaded, report_conflicts, config.batch_size), config.progress),
+    )
     seconds = time.monotonic() - started
     provenance = {
         "tool": f"modality-steer {__version__}",
@@ -217,6 +266,7 @@ def analyze(
         "top_frac": config.top_frac,
         "heads_per_mode": k,
         "device": config.device,
+        "dtype": config.dtype,
         "seconds": round(seconds, 1),
         "samples_per_second": round(len(conflicts) / seconds, 2),
     }
@@ -229,20 +279,20 @@ def analyze(
         provenance,
         selection,
     )
-    if config.canaries:
-        # Last: it leaves the model in bfloat16.
-        try:
-            canaries = measure_canaries(loaded, profile, report_conflicts, config.canaries, config.batch_size)
-        except NoCanaries as exc:
-            # The profile is still the analysis' result; a deployment serves it only unverified.
-            warnings.warn(f"the profile carries no canaries: {exc}", stacklevel=2)
-            profile = Profile.model_validate(
-                {**profile.model_dump(mode="json"), "provenance": {**provenance, "canaries": f"none: {exc}"}}
-            )
-        else:
-            profile = Profile.model_validate(
-                {**profile.model_dump(mode="json"), "canaries": canaries.model_dump(mode="json")}
-            )
+    canaries = stages.stage(
+        "canaries", lambda: _canaries(model_dir, loaded, profile, report_conflicts, config)
+    )
+    if isinstance(canaries, str):
+        # The profile is still the analysis' result; a deployment serves it only unverified.
+        warnings.warn(f"the profile carries no canaries: {canaries}", stacklevel=2)
+        profile = Profile.model_validate(
+            {**profile.model_dump(mode="json"), "provenance": {**provenance, "canaries": f"none: {canaries}"}}
+        )
+    elif canaries is not None:
+        profile = Profile.model_validate(
+            {**profile.model_dump(mode="json"), "canaries": canaries.model_dump(mode="json")}
+        )
+    stages.close()
     return AnalysisResult(
         profile=profile,
         knockout=flow,
@@ -250,6 +300,26 @@ def analyze(
         scores={mode: results[mode].attribution for mode in MODES},
         seconds=seconds,
     )
+
+
+def _canaries(
+    model_dir: Path,
+    loaded: Any,
+    profile: Profile,
+    report_conflicts: list[LoadedSample],
+    config: AnalysisConfig,
+) -> CanarySet | str | None:
+    """The profile's canaries (None: `--canaries 0`; a string: why none qualified). They are measured in
+    float32 and bfloat16 whatever `--dtype` (a model loaded in a smaller dtype is loaded again in float32
+    for them); this leaves the model in bfloat16, so it runs last."""
+    if not config.canaries:
+        return None
+    if config.dtype != "float32":
+        loaded = load_model(model_dir, device=config.device)
+    try:
+        return measure_canaries(loaded, profile, report_conflicts, config.canaries, config.batch_size)
+    except NoCanaries as exc:
+        return str(exc)
 
 
 def build_profile(

@@ -30,8 +30,9 @@ class ModelLoadError(ValueError):
     """A checkpoint that does not load as its config describes it."""
 
 
-def load_model(model_dir: str | Path, *, device: str = "cpu") -> LoadedModel:
-    """Load model and processor in float32, eval mode, on `device`.
+def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load model and processor in `dtype` (a `torch` dtype's name; float32 by default), eval mode, on
+    `device`.
 
     transformers re-initialises weights whose shapes disagree with the config and only warns; an analysis
     of such a model would be meaningless, so any missing or mismatched weight is an error here.
@@ -44,7 +45,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu") -> LoadedModel:
     processor = AutoProcessor.from_pretrained(str(model_dir))
     # ignore_mismatched_sizes only defers the refusal to the check below, which names the weights.
     loaded: Any = AutoModelForImageTextToText.from_pretrained(
-        str(model_dir), dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
+        str(model_dir), dtype=getattr(torch, dtype), output_loading_info=True, ignore_mismatched_sizes=True
     )
     model, info = loaded
     problems = [
