@@ -35,6 +35,7 @@ from steer_server.serving.kv_transfer import (
     check_kv_origin,
     deployment_id,
     kv_refusals,
+    should_attest,
 )
 from steer_server.serving.launcher import ServerStartError, VllmServer
 from steer_server.serving.policy import Policy, PolicyError
@@ -69,7 +70,13 @@ def test_every_connector_of_the_installed_vllm_is_classified():
                 "none",
                 "dummy",
             )
-            assert known.why and known.allowed == (known.keyed_by not in ("tokens", "dummy")), name
+            assert known.why, name
+            # Keyed by the steering: allowed; by tokens or not real KV: refused; request-directed: allowed
+            # only where the decode request can carry the prefill side's attestation.
+            if known.keyed_by in ("tokens", "dummy"):
+                assert not known.allowed, name
+            elif known.keyed_by != "request":
+                assert known.allowed, name
 
 
 def _kv(name: str | None, role: str = "kv_both", **kwargs: Any) -> KVFacts:
@@ -81,12 +88,16 @@ REFUSALS = [
     (_kv("ExampleConnector"), []),
     (_kv("OffloadingConnector"), []),
     (_kv("NixlConnector"), []),
+    (_kv("LMCacheMPConnector"), []),
     (_kv("LMCacheConnectorV1"), ["LMCacheConnectorV1"]),
     (_kv("HF3FSKVConnector"), ["HF3FSKVConnector"]),
-    (_kv("LMCacheMPConnector"), []),
     (_kv("DecodeBenchConnector"), ["DecodeBenchConnector"]),
+    (_kv("MooncakeConnector"), ["MooncakeConnector: disaggregated prefill in which"]),
+    (_kv("NixlPushConnector"), ["NixlPushConnector: disaggregated prefill in which"]),
+    (_kv("MoRIIOConnector"), ["MoRIIOConnector: disaggregated prefill in which"]),
     (_kv("NoSuchConnector"), ["NoSuchConnector, which modality-steer has not classified"]),
     (_kv("ExampleConnector", module_path="my.connectors"), ["kv_connector_module_path='my.connectors'"]),
+    (_kv("OffloadingConnector", extra_module_paths=("my.specs",)), ["code from my.specs"]),
     (
         _kv("MultiConnector", children=(_kv("OffloadingConnector", module_path="my.connectors"),)),
         ["kv_connector_module_path='my.connectors'"],
@@ -174,13 +185,14 @@ def test_the_deployment_id_names_every_setting_that_decides_steering(contract):
 
 CONSUMER = _kv("ExampleConnector", role="kv_consumer")
 BOTH = _kv("NixlConnector", role="kv_both")
+PRODUCER = _kv("NixlConnector", role="kv_producer")
 
 
 def _attested(contract: Policy, salt: str, deployment: str | None = None) -> dict[str, Any]:
     return {ATTESTATION_KEY: {"deployment": deployment or deployment_id(contract), "steering": salt}}
 
 
-ORIGINS: list[tuple[KVFacts, Any, str | None, int | None]] = [
+ORIGINS: list[tuple[KVFacts, Any, str, int | None]] = [
     (BOTH, None, "msA", None),  # computes its own KV
     (BOTH, {"do_remote_decode": True}, "msA", None),  # a prefill request
     (BOTH, {"do_remote_prefill": True}, "msA", 400),  # loads remote KV, unattested
@@ -188,12 +200,15 @@ ORIGINS: list[tuple[KVFacts, Any, str | None, int | None]] = [
     (BOTH, {"do_remote_prefill": True, "attested": "msA"}, "msA", None),
     (BOTH, {"do_remote_prefill": True, "attested": "msB"}, "msA", 409),
     (BOTH, {"do_remote_prefill": True, "attested": "msA", "deployment": "0" * 16}, "msA", 409),
+    (BOTH, "not an object", "msA", 400),
+    (BOTH, ["do_remote_prefill"], "msA", 400),
+    (PRODUCER, {"do_remote_prefill": True, "attested": "msA"}, "msA", 400),  # a producer never loads
     (CONSUMER, None, "msA", 400),  # every request of a consumer loads
     (CONSUMER, {}, "msA", 400),
     (CONSUMER, {"attested": "msA"}, "msA", None),
-    (CONSUMER, {"attested": "msA"}, None, None),  # the API server: deployment only
-    (CONSUMER, {"attested": "msB", "deployment": "f" * 16}, None, 409),
+    (CONSUMER, {"attested": "msB", "deployment": "f" * 16}, "msB", 409),
     (CONSUMER, {ATTESTATION_KEY: "yes"}, "msA", 400),
+    (_kv("MultiConnector", children=(_kv("OffloadingConnector"), CONSUMER)), None, "msA", 400),
 ]
 
 
@@ -210,6 +225,79 @@ def test_kv_origin(contract, facts, params, salt, status):
     with pytest.raises(PolicyError) as refused:
         check_kv_origin(params, facts, contract, salt)
     assert refused.value.status == status and refused.value.reason == "kv_transfer"
+
+
+ATTEST = [
+    (PRODUCER, None, None, True),
+    (BOTH, None, None, False),  # a request served here: nothing to hand on
+    (BOTH, {"remote_block_ids": [1]}, None, True),  # the connector named KV for a decode side
+    (BOTH, None, {"do_remote_decode": True}, True),  # a proxy's prefill request
+    (CONSUMER, None, {"do_remote_decode": False}, False),
+]
+
+
+@pytest.mark.parametrize(("facts", "returned", "asked", "expected"), ATTEST)
+def test_only_kv_handed_to_a_decode_side_is_attested(facts, returned, asked, expected):
+    assert should_attest(returned, asked, facts) is expected
+
+
+def _engine_request(extra: dict[str, Any], abort: bool = False) -> SimpleNamespace:
+    from vllm.sampling_params import SamplingParams
+
+    return SimpleNamespace(
+        request_id="r",
+        sampling_params=SamplingParams(extra_args=extra),
+        cache_salt=None,
+        abort_immediately=abort,
+    )
+
+
+def test_the_engine_checks_kv_origin_except_for_canaries_and_clean_up_requests(contract, monkeypatch):
+    """The EngineCore's check (every entry point): an unattested remote load is refused; vLLM's clean-up
+    request after a refused decode request (`abort_immediately`, which frees the prefill side's blocks)
+    and the deployment's own canaries pass."""
+    from steer_server.serving.engine_core import steer_engine_request
+    from steer_server.serving.settings import CANARY_KEY, CANARY_SECRET_ENV
+
+    remote = {"kv_transfer_params": {"do_remote_prefill": True}}
+    with pytest.raises(PolicyError) as refused:
+        steer_engine_request(_engine_request(dict(remote)), contract, BOTH)
+    assert refused.value.status == 400
+    steer_engine_request(_engine_request(dict(remote), abort=True), contract, BOTH)
+    steer_engine_request(_engine_request(dict(remote)), contract, None)  # no connector: vLLM refuses it
+    monkeypatch.setenv(CANARY_SECRET_ENV, "s3cret")
+    canary = {**remote, CANARY_KEY: "s3cret", "modality_steer": "off"}
+    steer_engine_request(_engine_request(canary), contract, BOTH)
+    request = _engine_request({"kv_transfer_params": {"do_remote_prefill": True}})
+    salt = "ms" + __import__("steer_server.spec", fromlist=["gains_digest"]).gains_digest({})
+    request.sampling_params.extra_args["kv_transfer_params"][ATTESTATION_KEY] = {
+        "deployment": deployment_id(contract),
+        "steering": salt,
+    }
+    steer_engine_request(request, contract, BOTH)
+    assert request.cache_salt == salt
+
+
+def test_connector_facts_find_the_users_code_and_every_child():
+    facts = hooks._kv_connector_facts(
+        {
+            "kv_connector": "MultiConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {
+                "connectors": [
+                    {"kv_connector": "NixlConnector", "kv_role": "kv_consumer"},
+                    {
+                        "kv_connector": "OffloadingConnector",
+                        "kv_role": "kv_both",
+                        "kv_connector_extra_config": {"tiers": [{"name": "fs", "module_path": "my.tier"}]},
+                    },
+                ]
+            },
+        }
+    )
+    assert [c.connector for c in facts.children] == ["NixlConnector", "OffloadingConnector"]
+    assert facts.consumer and facts.children[1].extra_module_paths == ("my.tier",)
+    assert any("my.tier" in r for r in kv_refusals(facts))
 
 
 def test_the_steering_key_folds_the_steering_into_a_token_keyed_connectors_key(monkeypatch):
@@ -361,7 +449,8 @@ def test_a_kv_both_store_never_hands_one_steering_s_kv_to_another(kv_servers, mo
 
 
 def _prefill(client: openai.OpenAI, sample: Any, steer: Any) -> dict[str, Any]:
-    reply = chat(client, MODEL, sample, steer, max_tokens=1)
+    """A prefill request as vLLM's P/D proxies send it; the `kv_transfer_params` it returns."""
+    reply = chat(client, MODEL, sample, steer, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
     params = (reply.model_extra or {}).get("kv_transfer_params")
     assert params and ATTESTATION_KEY in params, reply
     return dict(params)

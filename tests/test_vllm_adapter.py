@@ -239,6 +239,7 @@ def test_the_engine_core_wrapper_takes_0_34s_block_hashes_and_drops_them(v2_inst
                 sampling_params=SimpleNamespace(extra_args={"modality_steer": "text"}),
                 cache_salt="client",
                 block_hashes=["h"],
+                abort_immediately=False,
             )
             assert request_cls.from_engine_core_request(request, "hasher", *args, **kwargs) == "built"
             assert request.block_hashes is None

@@ -70,7 +70,9 @@ def steer_engine_request(request: Any, contract: Policy, kv: KVFacts | None = No
         params.extra_args = extra
         gains = effective_gains(spec, contract.plugin.profile)
     request.cache_salt = steering_salt(request.cache_salt, gains)
-    if kv is not None and kv.connector is not None and not canary:
-        # The deployment's own canaries compute their KV here (they never name remote KV).
+    if kv is not None and kv.connector is not None and not canary and not request.abort_immediately:
+        # The deployment's own canaries compute their KV here (they never name remote KV); a request to
+        # abort at once (vLLM's clean-up after a refused decode request, which frees the prefill side's
+        # blocks) computes nothing.
         kv_params = (params.extra_args or {}).get(KV_PARAMS_ARG) if params is not None else None
         check_kv_origin(kv_params, kv, contract, request.cache_salt)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .policy import Policy, PolicyError
 
@@ -44,8 +44,13 @@ KV_PARAMS_ARG = "kv_transfer_params"
 # (NIXL's bidirectional mode reads them back for a `do_remote_decode` request, `nixl/pull_scheduler.py`).
 REMOTE_PREFILL_KEY = "do_remote_prefill"
 REMOTE_LOAD_KEYS = (REMOTE_PREFILL_KEY, "remote_block_ids")
+# The key with which P/D proxies ask a prefill instance to keep the KV for a decode side.
+REMOTE_DECODE_KEY = "do_remote_decode"
 # The key `MultiConnector` reads its children from (`kv_connector_extra_config`, `vllm/config/kv_transfer.py`).
 MULTI_CONNECTOR_CHILDREN = "connectors"
+
+
+KeyedBy = Literal["block_hashes", "cache_salt", "steering", "request", "tokens", "none", "dummy"]
 
 
 @dataclass(frozen=True)
@@ -61,17 +66,21 @@ class ConnectorClass:
         why: the reason, with the vLLM file it was read from.
     """
 
-    keyed_by: str
+    keyed_by: KeyedBy
     allowed: bool
     why: str
 
 
-_V1 = "vllm/distributed/kv_transfer/kv_connector/v1/"
-
-_SALT = "so the steering-derived cache salt keys it"
+_SALT = (
+    "so the steering-derived cache salt keys it (a store shared between instances must be written only by "
+    "instances that run modality-steer: a plain vLLM keeps a client's salt as it is)"
+)
 _ATTESTED = (
     "request-directed transfer for disaggregated prefill: the decode side loads what the prefill side's "
     "`kv_transfer_params` name; accepted only with the producer's attestation"
+)
+_UNATTESTABLE = (
+    "disaggregated prefill in which the decode request cannot carry the prefill instance's attestation"
 )
 _TOKENS = "keys stored KV by token ids without the cache salt, so differently steered requests would share it"
 
@@ -103,7 +112,7 @@ KV_CONNECTORS: dict[str, ConnectorClass] = {
         "block_hashes", True, f"keys by `Request.block_hashes` (vLLM 0.34, `umbp/scheduler.py`), {_SALT}"
     ),
     "HiSparseConnector": ConnectorClass(
-        "block_hashes",
+        "none",
         True,
         "offloads a request's own cold pages; reuse across requests only through prefix-cache hits keyed "
         f"by block hash (`vllm/v1/hisparse/coordinator.py`), {_SALT}",
@@ -122,9 +131,25 @@ KV_CONNECTORS: dict[str, ConnectorClass] = {
     ),
     "NixlConnector": ConnectorClass("request", True, f"{_ATTESTED} (`nixl/pull_scheduler.py`)"),
     "NixlPullConnector": ConnectorClass("request", True, f"{_ATTESTED} (`nixl/pull_scheduler.py`)"),
-    "NixlPushConnector": ConnectorClass("request", True, f"{_ATTESTED} (`nixl/push_scheduler.py`)"),
-    "MooncakeConnector": ConnectorClass("request", True, f"{_ATTESTED} (`mooncake/mooncake_connector.py`)"),
-    "MoRIIOConnector": ConnectorClass("request", True, f"{_ATTESTED} (`moriio/moriio_connector.py`)"),
+    "NixlPushConnector": ConnectorClass(
+        "request",
+        False,
+        f"{_UNATTESTABLE}: the prefill instance writes into blocks the decode request registered first "
+        "(`nixl/push_scheduler.py`)",
+    ),
+    "MooncakeConnector": ConnectorClass(
+        "request",
+        False,
+        f"{_UNATTESTABLE}: its proxy sends prefill and decode requests at once and the prefill side returns "
+        "no parameters (`mooncake/mooncake_connector.py`, `request_finished`)",
+    ),
+    "MoRIIOConnector": ConnectorClass(
+        "request",
+        False,
+        f"{_UNATTESTABLE}: in write mode the decode side allocates before the prefill side writes, and in "
+        "read mode a non-producer claims the prompt as loaded for every request, `do_remote_prefill` or "
+        "not (`moriio/moriio_connector.py`, `get_num_new_matched_tokens`)",
+    ),
     "MultiConnector": ConnectorClass(
         "none", True, "loads through its children and stores in all of them: allowed when every child is"
     ),
@@ -175,6 +200,8 @@ class KVFacts:
         connector: `kv_connector` (None: no connector).
         role: `kv_role` (``kv_producer``, ``kv_consumer``, ``kv_both``; None without a connector).
         module_path: `kv_connector_module_path` (a connector class loaded from the user's module).
+        extra_module_paths: module paths in `kv_connector_extra_config` (an offloading spec's
+            `spec_module_path`, a tier's `module_path`: code of the user's that stores and loads KV).
         children: for `MultiConnector`, its children (from `kv_connector_extra_config.connectors`).
         ec_connector: `ec_transfer_config.ec_connector` (None: none).
     """
@@ -182,13 +209,17 @@ class KVFacts:
     connector: str | None = None
     role: str | None = None
     module_path: str | None = None
+    extra_module_paths: tuple[str, ...] = ()
     children: tuple[KVFacts, ...] = ()
     ec_connector: str | None = None
 
     @property
     def consumer(self) -> bool:
-        """Whether every request's KV may come from a producer (role `kv_consumer`)."""
-        return self.connector is not None and self.role == "kv_consumer"
+        """Whether every request's KV may come from a producer (role `kv_consumer`, of the connector or of
+        one of `MultiConnector`'s children)."""
+        return self.connector is not None and (
+            self.role == "kv_consumer" or any(child.consumer for child in self.children)
+        )
 
 
 def kv_refusals(facts: KVFacts) -> list[str]:
@@ -209,6 +240,11 @@ def kv_refusals(facts: KVFacts) -> list[str]:
             )
         elif not known.allowed:
             refusals.append(f"the KV connector {facts.connector}: {known.why}")
+        elif facts.extra_module_paths:
+            refusals.append(
+                f"the KV connector {facts.connector} with code from {', '.join(facts.extra_module_paths)} "
+                "(kv_connector_extra_config): modality-steer cannot tell how it keys stored KV"
+            )
         elif facts.connector == "MultiConnector" and not facts.children:
             refusals.append(
                 f"MultiConnector without children in kv_connector_extra_config.{MULTI_CONNECTOR_CHILDREN}"
@@ -247,36 +283,46 @@ def attestation(contract: Policy, salt: str | None) -> dict[str, str]:
     return {"deployment": deployment_id(contract), "steering": salt or ""}
 
 
-def loads_remote_kv(kv_params: Any, facts: KVFacts) -> bool:
-    """Whether a request's KV may come from another instance: every request of a `kv_consumer`, and any
-    request whose `kv_transfer_params` set one of :data:`REMOTE_LOAD_KEYS`."""
-    return facts.consumer or (isinstance(kv_params, dict) and any(kv_params.get(k) for k in REMOTE_LOAD_KEYS))
+def loads_remote_kv(kv_params: dict[str, Any] | None, facts: KVFacts) -> bool:
+    """Whether a request's KV may come from another instance: every request of a `kv_consumer` (a
+    `MultiConnector` child's role included), and any request whose `kv_transfer_params` set one of
+    :data:`REMOTE_LOAD_KEYS`."""
+    return facts.consumer or bool(kv_params and any(kv_params.get(k) for k in REMOTE_LOAD_KEYS))
 
 
-def check_kv_origin(kv_params: Any, facts: KVFacts, contract: Policy, salt: str | None) -> None:
+def check_kv_origin(kv_params: Any, facts: KVFacts, contract: Policy, salt: str) -> None:
     """Refuse a request whose KV would come from an instance that did not steer it as this one does.
 
     Args:
         kv_params: the request's `kv_transfer_params` (None when it has none).
         facts: this engine's KV transfer configuration.
         contract: this deployment's policy.
-        salt: the steering salt this server derived for the request (None: not known yet, in the API
-            server; only the deployment is compared then, the EngineCore compares both).
+        salt: the steering salt this server derived for the request.
 
     Raises:
-        PolicyError: 400 ``kv_transfer`` when the KV would come from elsewhere and the request carries no
-            attestation, 409 ``kv_transfer`` when it names another deployment or another steering.
+        PolicyError: 400 ``kv_transfer`` for `kv_transfer_params` that are not an object, for a remote load
+            on a `kv_producer`, or when the KV would come from elsewhere and the request carries no
+            attestation; 409 ``kv_transfer`` when the attestation names another deployment or another
+            steering.
     """
-    attested = kv_params.get(ATTESTATION_KEY) if isinstance(kv_params, dict) else None
+    if kv_params is not None and not isinstance(kv_params, dict):
+        # vLLM's scheduler reads it as a dict inside the engine loop (`Scheduler.add_request`).
+        raise PolicyError(400, "kv_transfer", "kv_transfer_params must be an object")
+    remote = [k for k in REMOTE_LOAD_KEYS if kv_params and kv_params.get(k)]
+    if remote and facts.role == "kv_producer":
+        raise PolicyError(
+            400, "kv_transfer", f"kv_transfer_params {', '.join(remote)}: this instance only produces KV"
+        )
+    attested = kv_params.get(ATTESTATION_KEY) if kv_params else None
     if attested is None:
         if loads_remote_kv(kv_params, facts):
+            why = f"kv_role {facts.role}" if facts.consumer else f"kv_transfer_params {', '.join(remote)}"
             raise PolicyError(
                 400,
                 "kv_transfer",
-                "this instance loads KV computed by a prefill instance (kv_role "
-                f"{facts.role}, kv_transfer_params {REMOTE_PREFILL_KEY}), and the request's "
-                f"kv_transfer_params carry no {ATTESTATION_KEY!r} attestation from it; send the prefill "
-                "response's kv_transfer_params unchanged, from a prefill instance that runs modality-steer",
+                f"this request's KV comes from a prefill instance ({why}), and its kv_transfer_params carry "
+                f"no {ATTESTATION_KEY!r} attestation from it; send the prefill response's kv_transfer_params "
+                "unchanged, from a prefill instance that runs modality-steer with the same settings",
             )
         return
     if not isinstance(attested, dict):
@@ -290,10 +336,21 @@ def check_kv_origin(kv_params: Any, facts: KVFacts, contract: Policy, salt: str 
             f"{attested.get('deployment')!r}, this instance {ours!r}): prefill and decode must run the same "
             "profile, --max-gain, --allow-raw-heads, --default-steer, --enforce-steer and instructions",
         )
-    if salt is not None and attested.get("steering") != salt:
+    if attested.get("steering") != salt:
         raise PolicyError(
             409,
             "kv_transfer",
             f"the KV was computed under another steering (producer {attested.get('steering')!r}, this "
             f"instance {salt!r})",
         )
+
+
+def should_attest(returned: dict[str, Any] | None, kv_params: Any, facts: KVFacts) -> bool:
+    """Whether a finished request's `kv_transfer_params` get this instance's attestation: on a
+    `kv_producer`, when the connector returned parameters for a decode side, or when the request asked
+    to be decoded elsewhere (`do_remote_decode`, as vLLM's P/D proxies send prefill requests)."""
+    return (
+        facts.role == "kv_producer"
+        or bool(returned)
+        or (isinstance(kv_params, dict) and bool(kv_params.get(REMOTE_DECODE_KEY)))
+    )

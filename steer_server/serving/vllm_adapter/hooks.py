@@ -42,6 +42,7 @@ from ..kv_transfer import (
     KVFacts,
     attestation,
     check_kv_origin,
+    should_attest,
 )
 from ..policy import PolicyError, policy
 from ..settings import (
@@ -185,7 +186,7 @@ def _from_engine_core_request(key: str) -> Any:
         contract = policy()
         if contract is not None:
             try:
-                steer_engine_request(request, contract, _ENGINE_KV)
+                steer_engine_request(request, contract, _ENGINE_KV or UNKNOWN_KV)
             except PolicyError as exc:
                 logger.warning("modality-steer: refused request %s: %s", request.request_id, exc)
                 raise
@@ -271,6 +272,9 @@ def _process_inputs(key: str) -> Any:
 # This EngineCore's KV transfer configuration, recorded when its scheduler is built (rows ``kv.*``); the
 # request hook reads it in the EngineCore's input thread.
 _ENGINE_KV: KVFacts | None = None
+# What the request hook assumes when no scheduler recorded the facts (a `--scheduler-cls` outside vLLM's
+# `Scheduler`): a connector of unknown role, so that a request naming remote KV needs an attestation.
+UNKNOWN_KV = KVFacts(connector="unknown")
 
 
 def kv_facts(config: Any) -> KVFacts:
@@ -292,13 +296,32 @@ def _kv_connector_facts(kv: Any, ec_connector: str | None = None) -> KVFacts:
         return KVFacts(ec_connector=ec_connector)
     extra = get("kv_connector_extra_config") or {}
     children = extra.get(MULTI_CONNECTOR_CHILDREN, []) if connector == "MultiConnector" else []
+    own = {k: v for k, v in extra.items() if k != MULTI_CONNECTOR_CHILDREN} if children else extra
     return KVFacts(
         connector=str(connector),
         role=get("kv_role"),
         module_path=get("kv_connector_module_path"),
+        extra_module_paths=tuple(_module_paths(own)),
         children=tuple(_kv_connector_facts(child) for child in children),
         ec_connector=ec_connector,
     )
+
+
+def _module_paths(value: Any) -> list[str]:
+    """Every value of a key ending in ``module_path`` in a connector's extra config, nested included
+    (`vllm/v1/kv_offload/factory.py`: `spec_module_path`; `vllm/v1/kv_offload/tiering/factory.py`:
+    `module_path`)."""
+    found: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if str(key).endswith("module_path") and item:
+                found.append(str(item))
+            else:
+                found += _module_paths(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            found += _module_paths(item)
+    return found
 
 
 def connector_registry() -> tuple[list[str], list[str]]:
@@ -325,7 +348,8 @@ def _connector_finished(key: str) -> Any:
         if contract is None or self.connector is None:
             return delay_free, params
         try:
-            params = {**(params or {}), ATTESTATION_KEY: attestation(contract, request.cache_salt)}
+            if should_attest(params, request.kv_transfer_params, kv_facts(self.vllm_config)):
+                params = {**(params or {}), ATTESTATION_KEY: attestation(contract, request.cache_salt)}
         except Exception:  # never in the engine loop: unattested KV is refused by any consumer
             logger.exception("modality-steer: no KV attestation for request %s", request.request_id)
         return delay_free, params
