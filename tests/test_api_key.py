@@ -71,6 +71,8 @@ def client_for(monkeypatch, llava_profile) -> Iterator[Any]:
 
         for path in ("/health", "/version", "/load", "/ping"):
             app.get(path)(lambda: {"ok": True})
+        # A route that answers OPTIONS itself (a CORS-aware handler): not a preflight the router refuses.
+        app.options("/v1/options-aware")(lambda: {"ok": True})
         app.post("/ping")(lambda: {"ok": True})
         # As vLLM mounts Prometheus' app (`vllm/entrypoints/serve/instrumentator/metrics.py`).
         metrics = Mount("/metrics", app=_plain_text)
@@ -130,6 +132,8 @@ CASES = [
     ("POST", "/ping", {}, 200),
     ("GET", "/metrics", {}, 200),
     ("OPTIONS", "/invocations", {}, 405),  # a CORS preflight is not refused (vLLM lets it pass too)
+    ("OPTIONS", "/v1/options-aware", {}, 401),  # ... but a route that takes OPTIONS needs the key
+    ("OPTIONS", "/v1/options-aware", {"Authorization": f"Bearer {KEY}"}, 400),  # past the key: as today
 ]
 
 
