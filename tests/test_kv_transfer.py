@@ -31,6 +31,8 @@ from steer_server.serving.kv_transfer import (
     ATTESTATION_KEY,
     EC_CONNECTORS,
     KV_CONNECTORS,
+    OFFLOADING_SPECS,
+    OFFLOADING_TIERS,
     KVFacts,
     check_kv_origin,
     deployment_id,
@@ -52,14 +54,18 @@ def test_every_connector_of_the_installed_vllm_is_classified():
     other releases): the same names, every one in the tables."""
     from steer_server.serving.vllm_adapter.compat import installed_tree, registered_connectors
 
-    kv_names, ec_names = hooks.connector_registry()
+    registries = hooks.connector_registry()
+    kv_names, ec_names = registries["kv"], registries["ec"]
     tree = installed_tree()
     assert registered_connectors(tree, "kv.factory.registry") == kv_names
     assert registered_connectors(tree, "ec.factory.registry") == ec_names
     assert len(kv_names) >= 15 and len(ec_names) >= 2
     assert sorted(set(kv_names) - set(KV_CONNECTORS)) == []
     assert sorted(set(ec_names) - set(EC_CONNECTORS)) == []
-    for table in (KV_CONNECTORS, EC_CONNECTORS):
+    # OffloadingConnector's storage backends: its specs and their secondary tiers.
+    assert registries["offloading"] and sorted(set(registries["offloading"]) - set(OFFLOADING_SPECS)) == []
+    assert registries["tier"] and sorted(set(registries["tier"]) - set(OFFLOADING_TIERS)) == []
+    for table in (KV_CONNECTORS, EC_CONNECTORS, OFFLOADING_SPECS, OFFLOADING_TIERS):
         for name, known in table.items():
             assert known.keyed_by in (
                 "block_hashes",
@@ -98,6 +104,12 @@ REFUSALS = [
     (_kv("NoSuchConnector"), ["NoSuchConnector, which modality-steer has not classified"]),
     (_kv("ExampleConnector", module_path="my.connectors"), ["kv_connector_module_path='my.connectors'"]),
     (_kv("OffloadingConnector", extra_module_paths=("my.specs",)), ["code from my.specs"]),
+    (_kv("OffloadingConnector", offloading=("TieringOffloadingSpec", "fs", "p2p")), []),
+    (_kv("OffloadingConnector", offloading=("MySpec",)), ["offloading backend(s) MySpec"]),
+    (
+        _kv("OffloadingConnector", offloading=("CPUOffloadingSpec", "mytier")),
+        ["offloading backend(s) mytier"],
+    ),
     (
         _kv("MultiConnector", children=(_kv("OffloadingConnector", module_path="my.connectors"),)),
         ["kv_connector_module_path='my.connectors'"],
@@ -289,7 +301,10 @@ def test_connector_facts_find_the_users_code_and_every_child():
                     {
                         "kv_connector": "OffloadingConnector",
                         "kv_role": "kv_both",
-                        "kv_connector_extra_config": {"tiers": [{"name": "fs", "module_path": "my.tier"}]},
+                        "kv_connector_extra_config": {
+                            "spec_name": "TieringOffloadingSpec",
+                            "secondary_tiers": [{"type": "fs"}, {"type": "MyTier", "module_path": "my.tier"}],
+                        },
                     },
                 ]
             },
@@ -297,6 +312,7 @@ def test_connector_facts_find_the_users_code_and_every_child():
     )
     assert [c.connector for c in facts.children] == ["NixlConnector", "OffloadingConnector"]
     assert facts.consumer and facts.children[1].extra_module_paths == ("my.tier",)
+    assert facts.children[1].offloading == ("TieringOffloadingSpec", "fs", "MyTier")
     assert any("my.tier" in r for r in kv_refusals(facts))
 
 

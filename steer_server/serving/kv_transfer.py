@@ -176,6 +176,22 @@ KV_CONNECTORS: dict[str, ConnectorClass] = {
     ),
 }
 
+# `OffloadingConnector`'s storage backends (`kv_connector_extra_config.spec_name`, default
+# :data:`DEFAULT_OFFLOADING_SPEC`, `vllm/v1/kv_offload/factory.py`) and `TieringOffloadingSpec`'s secondary
+# tiers (`secondary_tiers[].type`, `vllm/v1/kv_offload/tiering/factory.py`). They store and load the
+# blocks the connector's scheduler names, by `make_offload_key(Request.block_hashes[i], group)`
+# (`offloading/scheduler.py`), so the steering-derived salt keys every one of them.
+DEFAULT_OFFLOADING_SPEC = "CPUOffloadingSpec"
+_OFFLOADED = f"stores the blocks `OffloadingConnector` names by `Request.block_hashes`, {_SALT}"
+OFFLOADING_SPECS: dict[str, ConnectorClass] = {
+    name: ConnectorClass("block_hashes", True, _OFFLOADED)
+    for name in ("CPUOffloadingSpec", "TieringOffloadingSpec")
+}
+OFFLOADING_TIERS: dict[str, ConnectorClass] = {
+    name: ConnectorClass("block_hashes", True, _OFFLOADED) for name in ("example", "fs", "p2p", "obj", "kvcr")
+}
+
+
 # Every encoder-cache connector (`--ec-transfer-config`, `vllm/distributed/ec_transfer/ec_connector/factory.py`):
 # they move the vision encoder's outputs, keyed by image hash, which steering does not change (the plugin
 # scales the language model's decoder attention only; vision towers' attention is not an `Attention`
@@ -204,6 +220,7 @@ class KVFacts:
             `spec_module_path`, a tier's `module_path`: code of the user's that stores and loads KV).
         children: for `MultiConnector`, its children (from `kv_connector_extra_config.connectors`).
         ec_connector: `ec_transfer_config.ec_connector` (None: none).
+        offloading: for `OffloadingConnector`, its spec and its secondary tiers' types.
     """
 
     connector: str | None = None
@@ -212,6 +229,7 @@ class KVFacts:
     extra_module_paths: tuple[str, ...] = ()
     children: tuple[KVFacts, ...] = ()
     ec_connector: str | None = None
+    offloading: tuple[str, ...] = ()
 
     @property
     def consumer(self) -> bool:
@@ -244,6 +262,13 @@ def kv_refusals(facts: KVFacts) -> list[str]:
             refusals.append(
                 f"the KV connector {facts.connector} with code from {', '.join(facts.extra_module_paths)} "
                 "(kv_connector_extra_config): modality-steer cannot tell how it keys stored KV"
+            )
+        elif unknown := [
+            name for name in facts.offloading if name not in OFFLOADING_SPECS and name not in OFFLOADING_TIERS
+        ]:
+            refusals.append(
+                f"the KV connector {facts.connector} with the offloading backend(s) {', '.join(unknown)}, "
+                "which modality-steer has not classified"
             )
         elif facts.connector == "MultiConnector" and not facts.children:
             refusals.append(

@@ -37,6 +37,7 @@ from ..engine_core import steer_engine_request, steering_salt
 from ..frontend import absorb_top_level, check_beam_search, decided_extra_args
 from ..kv_transfer import (
     ATTESTATION_KEY,
+    DEFAULT_OFFLOADING_SPEC,
     KV_PARAMS_ARG,
     MULTI_CONNECTOR_CHILDREN,
     KVFacts,
@@ -297,6 +298,11 @@ def _kv_connector_facts(kv: Any, ec_connector: str | None = None) -> KVFacts:
     extra = get("kv_connector_extra_config") or {}
     children = extra.get(MULTI_CONNECTOR_CHILDREN, []) if connector == "MultiConnector" else []
     own = {k: v for k, v in extra.items() if k != MULTI_CONNECTOR_CHILDREN} if children else extra
+    offloading: list[str] = []
+    if connector == "OffloadingConnector":
+        tiers = extra.get("secondary_tiers") or []
+        offloading = [str(extra.get("spec_name", DEFAULT_OFFLOADING_SPEC))]
+        offloading += [str(tier.get("type")) for tier in tiers if isinstance(tier, dict)]
     return KVFacts(
         connector=str(connector),
         role=get("kv_role"),
@@ -304,6 +310,7 @@ def _kv_connector_facts(kv: Any, ec_connector: str | None = None) -> KVFacts:
         extra_module_paths=tuple(_module_paths(own)),
         children=tuple(_kv_connector_facts(child) for child in children),
         ec_connector=ec_connector,
+        offloading=tuple(offloading),
     )
 
 
@@ -324,12 +331,13 @@ def _module_paths(value: Any) -> list[str]:
     return found
 
 
-def connector_registry() -> tuple[list[str], list[str]]:
-    """The names of every KV connector and every encoder-cache connector the installed vLLM registers
-    (rows ``kv.factory.registry``, ``ec.factory.registry``)."""
-    kv_factory = table.resolve(ROW_BY_KEY["kv.factory.registry"])[0]
-    ec_factory = table.resolve(ROW_BY_KEY["ec.factory.registry"])[0]
-    return sorted(kv_factory._registry), sorted(ec_factory._registry)
+def connector_registry() -> dict[str, list[str]]:
+    """The names every factory of the installed vLLM registers: KV connectors, encoder-cache connectors,
+    offloading specs and secondary tiers (rows ``*.factory.registry``)."""
+    return {
+        key: sorted(table.resolve(ROW_BY_KEY[f"{key}.factory.registry"])[0]._registry)
+        for key in ("kv", "ec", "offloading", "tier")
+    }
 
 
 def _scheduler_init(key: str) -> Any:

@@ -551,6 +551,22 @@ ROWS: tuple[Row, ...] = (
         "every encoder-cache connector vLLM registers (classified)",
     ),
     Row(
+        "offloading.factory.registry",
+        "vllm.v1.kv_offload.factory",
+        "OffloadingSpecFactory._registry",
+        "field",
+        "read",
+        "every offloading spec (`spec_name`) vLLM registers (classified)",
+    ),
+    Row(
+        "tier.factory.registry",
+        "vllm.v1.kv_offload.tiering.factory",
+        "SecondaryTierFactory._registry",
+        "field",
+        "read",
+        "every secondary offloading tier (`secondary_tiers[].type`) vLLM registers (classified)",
+    ),
+    Row(
         "config.vllm.kv_transfer_config",
         "vllm.config.vllm",
         "VllmConfig.kv_transfer_config",
