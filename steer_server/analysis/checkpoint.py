@@ -41,8 +41,6 @@ class Checkpoint:
 
         self.folder = folder
         self.stages = stages
-        self.resumed: list[str] = []
-        self.computed: list[str] = []
         self._bar = tqdm(total=len(stages), desc="analysis", unit="stage", disable=not progress, position=0)
         if folder is None:
             return
@@ -71,11 +69,9 @@ class Checkpoint:
         self._bar.set_postfix_str(name)
         if self.folder is not None and self._path(name).exists():
             result: T = torch.load(self._path(name), weights_only=False)
-            self.resumed.append(name)
         else:
             started = time.monotonic()
             result = compute()
-            self.computed.append(name)
             if self.folder is not None:
                 partial = self._path(name).with_suffix(".partial")
                 torch.save(result, partial)
@@ -84,8 +80,6 @@ class Checkpoint:
         self._bar.update(1)
         return result
 
-    def close(self, *, remove: bool = False) -> None:
-        """End the progress line; `remove`: delete the folder (the run's outputs are written)."""
+    def close(self) -> None:
+        """End the progress line (the folder stays: whoever writes the run's outputs removes it)."""
         self._bar.close()
-        if remove and self.folder is not None and self.folder.exists():
-            shutil.rmtree(self.folder)

@@ -72,8 +72,9 @@ server_log = logging.getLogger("vllm.modality_steer")
 
 # Decoder self-attention layers of the language model; vision towers use other module classes/names.
 DECODER_ATTENTION = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.attn$")
-# Where a runner keeps its steering state.
+# Where a runner keeps its steering state, and an API server's `InputProcessor` its KV facts.
 STATE_ATTRIBUTE = "_modality_steer"
+KV_FACTS_ATTRIBUTE = "_modality_steer_kv"
 MIDDLEWARE_PATH = f"{ModalitySteerMiddleware.__module__}.{ModalitySteerMiddleware.__name__}"
 
 
@@ -260,7 +261,7 @@ def _process_inputs(key: str) -> Any:
         if extra is not None and request.sampling_params is not None:
             # A fresh dict: the caller's params (shared by the choices of n > 1) stay as they were.
             request.sampling_params.extra_args = {**(request.sampling_params.extra_args or {}), **extra}
-            _check_kv_origin_early(self.vllm_config, request, contract)
+            _check_kv_origin_early(self, request, contract)
         return request
 
     return process_inputs
@@ -356,7 +357,7 @@ def _connector_finished(key: str) -> Any:
         if contract is None or self.connector is None:
             return delay_free, params
         try:
-            if should_attest(params, request.kv_transfer_params, kv_facts(self.vllm_config)):
+            if should_attest(params, request.kv_transfer_params, _ENGINE_KV or kv_facts(self.vllm_config)):
                 params = {**(params or {}), ATTESTATION_KEY: attestation(contract, request.cache_salt)}
         except Exception:  # never in the engine loop: unattested KV is refused by any consumer
             logger.exception("modality-steer: no KV attestation for request %s", request.request_id)
@@ -417,16 +418,24 @@ def _example_get_num_new_matched_tokens(key: str) -> Any:
 
 def _example_build_connector_meta(key: str) -> Any:
     def build_connector_meta(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-        pending = list(
-            getattr(self, ROW_BY_KEY["kv.example.requests_need_load"].name.split(".")[-1]).values()
-        )
+        pending = self._requests_need_load.values()  # row kv.example.requests_need_load
         with keyed_by_steering([*scheduler_output.scheduled_new_reqs, *pending]):
             return original(key)(self, scheduler_output, *args, **kwargs)
 
     return build_connector_meta
 
 
-def _check_kv_origin_early(config: Any, request: Any, contract: Any) -> None:
+def _frontend_kv_facts(processor: Any) -> KVFacts:
+    """The API server's KV facts, read from the `InputProcessor`'s config once and kept on it (as the
+    runner keeps its steering state), not per request."""
+    facts: KVFacts | None = getattr(processor, KV_FACTS_ATTRIBUTE, None)
+    if facts is None:
+        facts = kv_facts(processor.vllm_config)
+        setattr(processor, KV_FACTS_ATTRIBUTE, facts)
+    return facts
+
+
+def _check_kv_origin_early(processor: Any, request: Any, contract: Any) -> None:
     """The EngineCore's KV origin check, made where a refusal still becomes an HTTP status (the
     EngineCore fails a refused request as an internal error): the same steering salt the EngineCore will
     derive (rows ``frontend.vllm_config``, ``engine.request.cache_salt``).
@@ -435,7 +444,7 @@ def _check_kv_origin_early(config: Any, request: Any, contract: Any) -> None:
         vllm.exceptions.VLLMValidationError / GracefulHTTPError: 400 or 409, see
             :func:`~steer_server.serving.kv_transfer.check_kv_origin`.
     """
-    kv = kv_facts(config)
+    kv = _frontend_kv_facts(processor)
     extra = request.sampling_params.extra_args or {}
     if kv.connector is None or CANARY_KEY in extra:
         return
