@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench_model import SIZES, build_model, command_line, lm_parameters, progress
+from bench_model import SIZES, build_model, command_line, lm_parameters, progress, save_report
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WORKDIR = REPO / "build" / "bench"
@@ -62,40 +62,83 @@ class DataShape:
     num_heads: int
 
 
-def _batched(members: list[bool], batch_size: int) -> int:
-    """Sample forwards of one scored pass over the runner's samples marked in `members`: `Runner.score`
-    forwards every batch that holds at least one of them, whole."""
-    return sum(
-        len(members[start : start + batch_size])
-        for start in range(0, len(members), batch_size)
-        if any(members[start : start + batch_size])
-    )
+@dataclass(frozen=True)
+class HeadLayers:
+    """The decoder layers of the heads an analysis intervened on, per mode, which set where each of its
+    passes starts (:meth:`steer_server.analysis.metric.Runner.score_many`): the exact-ablation candidates
+    (one head each), the selected heads, and each random draw's heads. Read from a profile
+    (:meth:`from_profile`); without one, the cost model takes heads drawn uniformly (:func:`_start_fraction`)."""
+
+    candidates: dict[str, list[int]]
+    selected: dict[str, list[int]]
+    draws: dict[str, list[list[int]]]
+
+    @classmethod
+    def from_profile(cls, profile: dict[str, Any]) -> HeadLayers:
+        modes = profile["modes"]
+        return cls(
+            candidates={
+                m: [row[0] for row in rows] for m, rows in profile["scores"]["exact_ablation"].items()
+            },
+            selected={m: [h["layer"] for h in modes[m]["heads"]] for m in modes},
+            draws={
+                m: [[layer for layer, _ in draw] for draw in report["block_random_heads"]]
+                for m, report in profile["validation"]["modes"].items()
+            },
+        )
 
 
-def forward_equivalents(config: Any, shape: DataShape) -> dict[str, dict[str, float]]:
+def _start_fraction(shape: DataShape, layers: list[int] | None, count: int) -> float:
+    """The share of a forward's decoder layers a pass runs when it starts at the first layer of the heads
+    it changes: ``(L - min(layers)) / L``. Without `layers`: its expectation for `count` distinct heads
+    drawn uniformly from the model's heads (``P(min >= l) = C(heads at or after l, count) / C(heads,
+    count)``)."""
+    from math import comb
+
+    total = shape.num_layers
+    if layers is not None:
+        return (total - min(layers)) / total
+    per_layer = [shape.num_heads if layer in shape.layers_with_heads else 0 for layer in range(total)]
+    heads = sum(per_layer)
+    expected = 0.0
+    for first in range(total):
+        at_or_after = sum(per_layer[first:])
+        after = at_or_after - per_layer[first]
+        chance = (comb(at_or_after, count) - comb(after, count)) / comb(heads, count)
+        expected += chance * (total - first) / total
+    return expected
+
+
+def forward_equivalents(
+    config: Any, shape: DataShape, heads: HeadLayers | None = None
+) -> dict[str, dict[str, float]]:
     """Forwards (``F``) and backwards (``B``) of one sample's prompt that `modality-steer analyze` runs,
     per stage, counted from `steer_server/analysis/pipeline.py` (the one place that counts; keep it in
-    step with the pipeline) and the `config` (`steer_server.analysis.config.AnalysisConfig`). A scored
-    pass (`Runner.score`) costs `budget` forwards per sample (it decodes the answer greedily without a
-    KV cache) of every batch holding a sample it scores (:func:`_batched`).
+    step with the pipeline), the `config` (`steer_server.analysis.config.AnalysisConfig`) and the layers of
+    the heads intervened on (`heads`; None: their expectation for uniformly drawn heads).
+
+    A scored pass (`Runner.score_many`) forwards only the samples it scores (batches hold one kind and
+    instruction each). Its first answer token costs 1 F for the baseline and ``(L - l) / L`` F for a
+    setting whose first changed layer is l (it starts from the baseline's residual stream there; the
+    embeddings, the vision tower and the unembedding are not counted); each further greedy answer token
+    (``budget - 1``) costs 1 F (the whole sequence again); a pass scored for the metric only decodes no
+    further token.
 
     On the selection split (its conflicts):
 
     - attribution: 1 F + 1 B per conflict (gradient x activation of every head at once);
-    - exact ablation, per mode: a scored pass over the mode's conflicts, then one per candidate, the
-      ``max(k * candidate_factor, k)`` best attributed heads (``k = round(top_frac * heads)``);
-    - default gain, per mode: a scored pass, then per gain of ``gains`` one over the failures and one over
-      the successes (counted as two passes over the mode's conflicts: exact when a batch holds both, an
-      upper bound otherwise);
+    - exact ablation, per mode: the baseline and each candidate (the ``max(k * candidate_factor, k)`` best
+      attributed heads, ``k = round(top_frac * heads)``), metric only;
+    - default gain, per mode: the baseline and each gain of ``gains`` with the selected heads;
 
     on the report split:
 
-    - validation, per mode: on the conflicts a scored pass at baseline, one with the selected heads
-      blocked, one per random draw (``random_draws``), and per gain of ``gains`` (the default gain is one
-      of them) one over the failures and one over the successes (as above); on the controls, baseline and
-      blocked;
-    - knockout: a scored pass over ``min(knockout_samples, conflicts)`` conflicts, then one per edge (6)
-      and per window of ``knockout_window`` layers (default ``max(1, layers // 8)``) holding heads;
+    - validation, per mode: on the conflicts the baseline, the selected heads blocked, each random draw
+      blocked (``random_draws``), each gain (the default gain is one of them); on the controls, baseline
+      and blocked;
+    - knockout: over ``min(knockout_samples, conflicts)`` conflicts the baseline and each edge (6) of each
+      window of ``knockout_window`` layers (default ``max(1, layers // 8)``) holding heads, starting at the
+      window's first layer;
     - logit lens: a scored pass over the conflicts and one plain forward each (the decomposition).
 
     Returns ``{stage: {"F": forwards, "B": backwards}}`` with a ``"total"`` row.
@@ -103,16 +146,30 @@ def forward_equivalents(config: Any, shape: DataShape) -> dict[str, dict[str, fl
     from steer_server.analysis.knockout import KNOCKOUT_EDGES
     from steer_server.profile import MODES
 
-    heads = len(shape.layers_with_heads) * shape.num_heads
-    k = max(1, round(config.top_frac * heads))
-    candidates = min(heads, max(k * config.candidate_factor, k))
+    total_heads = len(shape.layers_with_heads) * shape.num_heads
+    k = max(1, round(config.top_frac * total_heads))
+    candidates = min(total_heads, max(k * config.candidate_factor, k))
     gains = len(config.gains)
-    bs = config.batch_size
 
-    def passes(samples: list[tuple[str, str]], kind: str, mode: str) -> int:
-        return _batched([s == (kind, mode) for s in samples], bs)
+    def count(samples: list[tuple[str, str]], kind: str, mode: str) -> int:
+        return sum(s == (kind, mode) for s in samples)
 
-    selection = len(shape.selection)
+    def fraction(layers: list[int] | None, count: int) -> float:
+        return _start_fraction(shape, layers, count)
+
+    def candidates_f(mode: str) -> float:
+        if heads is None:
+            return candidates * fraction(None, 1)
+        return sum(fraction([layer], 1) for layer in heads.candidates[mode])
+
+    def selected_f(mode: str) -> float:
+        return fraction(heads.selected[mode] if heads else None, k)
+
+    def draws_f(mode: str) -> float:
+        if heads is None:
+            return config.random_draws * fraction(None, k)
+        return sum(fraction(draw, len(draw)) for draw in heads.draws[mode])
+
     report_conflicts = sum(kind == "conflict" for kind, _ in shape.report)
     window = config.knockout_window or max(1, shape.num_layers // 8)
     windows = [
@@ -122,19 +179,30 @@ def forward_equivalents(config: Any, shape: DataShape) -> dict[str, dict[str, fl
     ]
     knocked = min(config.knockout_samples, report_conflicts)
     b_sel, b_rep, b_conf = shape.budget_selection, shape.budget_report, shape.budget_report_conflicts
-    chosen = {m: passes(shape.selection, "conflict", m) for m in MODES}
-    reported = {m: passes(shape.report, "conflict", m) for m in MODES}
-    controls = {m: passes(shape.report, "control", m) for m in MODES}
+    chosen = {m: count(shape.selection, "conflict", m) for m in MODES}
+    reported = {m: count(shape.report, "conflict", m) for m in MODES}
+    controls = {m: count(shape.report, "control", m) for m in MODES}
+    # Per setting, the greedy steps after the first answer token.
+    more_sel, more_rep, more_conf = b_sel - 1, b_rep - 1, b_conf - 1
+
+    def validation(mode: str) -> float:
+        settings = 1 + config.random_draws + gains
+        conflict = reported[mode] * (
+            b_rep + selected_f(mode) * (1 + gains) + draws_f(mode) + settings * more_rep
+        )
+        return conflict + controls[mode] * (b_rep + selected_f(mode) + more_rep)
+
+    knockout_f = sum(len(KNOCKOUT_EDGES) * (fraction([first], 1) + more_conf) for first in windows)
+    selection = len(shape.selection)
     stages: dict[str, dict[str, float]] = {
         "attribution": {"F": selection, "B": selection},
-        "exact ablation": {"F": b_sel * sum(chosen.values()) * (1 + candidates), "B": 0},
-        "default gain": {"F": b_sel * sum(chosen.values()) * (1 + 2 * gains), "B": 0},
-        "validation": {
-            "F": b_rep
-            * sum(reported[m] * (2 + config.random_draws + 2 * gains) + 2 * controls[m] for m in MODES),
+        "exact ablation": {"F": sum(chosen[m] * (1 + candidates_f(m)) for m in MODES), "B": 0},
+        "default gain": {
+            "F": sum(chosen[m] * (b_sel + gains * (selected_f(m) + more_sel)) for m in MODES),
             "B": 0,
         },
-        "knockout": {"F": b_conf * knocked * (1 + len(KNOCKOUT_EDGES) * len(windows)), "B": 0},
+        "validation": {"F": sum(validation(m) for m in MODES), "B": 0},
+        "knockout": {"F": knocked * (b_conf + knockout_f), "B": 0},
         "logit lens": {"F": (b_conf + 1) * report_conflicts, "B": 0},
     }
     stages["total"] = {
@@ -300,7 +368,9 @@ def measure_size(
         raise RuntimeError(f"{name}: the measurement failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     measured = json.loads(line.removeprefix("RESULT "))
     shape = data_shape(model_dir, paths["validation"], paths["test"], args.limit)
-    run_cost = forward_equivalents(config, shape)
+    run_cost = forward_equivalents(
+        config, shape, HeadLayers.from_profile(json.loads(Path(spec["out"]).read_text()))
+    )
     default_cost = forward_equivalents(replace(AnalysisConfig(), limit=args.limit), shape)
     conflicts = len(shape.selection)
     f_s, b_s = measured["forward_s"], measured["backward_s"]
@@ -390,9 +460,7 @@ def main() -> int:
         "seconds": round(time.perf_counter() - started, 1),
         "sizes": results,
     }
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        progress(f"wrote {args.json}")
+    save_report(args.json, report)
     return 0
 
 

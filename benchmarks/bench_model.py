@@ -125,3 +125,10 @@ def command_line() -> str:
 def progress(message: str) -> None:
     """One line of progress on stdout, flushed, with the wall-clock time."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def save_report(path: Path | None, report: dict[str, Any]) -> None:
+    """Write a benchmark's results as indented JSON to `path` (None: nowhere) and say so."""
+    if path is not None:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        progress(f"wrote {path}")

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_model import command_line, engine_environment, progress
+from bench_model import command_line, engine_environment, progress, save_report
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE = REPO / "profiles" / "toy-llava.json"
@@ -190,9 +190,7 @@ def main() -> int:
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(medians, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        progress(f"wrote {args.json}")
+    save_report(args.json, report)
     return 0
 
 

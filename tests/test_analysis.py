@@ -91,6 +91,60 @@ def test_head_gain_invariants(tiny_model, small_data):
         torch.testing.assert_close(mixed[row], alone[row], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_passes_started_at_a_later_layer_equal_whole_passes(family, small_data, tmp_path):
+    """`Runner.score_many` starts each setting at its first changed layer from the baseline's residual
+    stream there (`start_at_layer`): every metric and answer equals that setting scored alone from the
+    embeddings, for head gains and for an attention knockout; the layers below are really not run. On
+    the toy (8 layers) and a 4-layer Qwen2-VL (multimodal rotary positions)."""
+    from steer_server.analysis.metric import BASELINE, Setting
+    from steer_server.architectures import residual_modules
+
+    model_dir = toy_model_dir() if family == "llava" else build_random_qwen2_vl(tmp_path, layers=4, seed=3)
+    loaded = load_model(model_dir)
+    geometry = geometry_of(loaded.model.config)
+    samples = load_samples(small_data["test"])[:10]
+    runner = Runner(loaded, samples, batch_size=4)
+    last = geometry.num_layers - 1
+    size = max(int(runner.encoded(n)["input_ids"].shape[1]) for n in range(len(runner.batches)))
+
+    def cut_last_row(number: int):
+        lengths = runner.encoded(number)["attention_mask"].sum(dim=1).tolist()
+        blocked = torch.zeros(len(lengths), size, size, dtype=torch.bool)
+        for row, length in enumerate(lengths):
+            blocked[row, length - 1, : length - 1] = True
+        return knockout_attention(loaded.model, {last}, blocked)
+
+    settings = [
+        BASELINE,
+        Setting.of_gains(gain_table(geometry, [(last, 0), (last, 1)], 0.0)),
+        Setting.of_gains(gain_table(geometry, [(2, 0), (last, 2)], 4.0)),
+        Setting(intervention=cut_last_row, first_layer=last),
+    ]
+    assert [s.first_layer for s in settings] == [0, last, 2, last]
+    mlps = residual_modules(loaded.model).mlps  # run inside a decoder layer's own forward only
+    calls = dict.fromkeys(mlps, 0)
+    handles = [
+        mlp.register_forward_pre_hook(lambda m, a, index=index: calls.__setitem__(index, calls[index] + 1))
+        for index, mlp in mlps.items()
+    ]
+    try:
+        runner.score_many(settings, answers=False)  # the first answer token only
+    finally:
+        for handle in handles:
+            handle.remove()
+    batches = len(runner.batches)
+    assert calls[0] == batches  # the baseline only: every other setting started later
+    assert calls[1] == batches and calls[2] == 2 * batches and calls[last] == 4 * batches
+    started = runner.score_many(settings)
+    for setting, scored in zip(settings, started, strict=True):
+        whole = runner.score_many([Setting(setting.gains, setting.intervention)])[0]
+        torch.testing.assert_close(scored.metric, whole.metric, atol=1e-6, rtol=0)
+        assert scored.follows.tolist() == whole.follows.tolist()
+    assert not torch.allclose(started[1].metric, started[0].metric, atol=1e-3)
+    assert not torch.allclose(started[3].metric, started[0].metric, atol=1e-3)
+
+
 def test_head_contributions_sum_to_attention_output(tiny_llava):
     loaded = load_model(tiny_llava)
     geometry = geometry_of(loaded.model.config)
@@ -155,12 +209,12 @@ def test_runner_judges_the_greedy_answer_text_like_every_other_figure(tiny_llava
     runner = Runner(loaded, two_words, batch_size=4)
     assert runner.budget == 2
     tokenizer = loaded.processor.tokenizer
-    texts = []
-    for start in runner.starts():
-        batch = runner.batch(start)
+    texts = {}
+    for number, members in enumerate(runner.batches):
+        batch = runner.encoded(number)
         with torch.inference_mode():
             _, decoded = greedy_decode(loaded, batch, runner.budget)
-        texts += decoded
+        texts |= dict(zip(members, decoded, strict=True))
         for row, text in enumerate(decoded):
             length = int(batch["attention_mask"][row].sum())
             single = {k: v[row : row + 1] for k, v in batch.items() if k != "pixel_values"}
@@ -176,7 +230,7 @@ def test_runner_judges_the_greedy_answer_text_like_every_other_figure(tiny_llava
                 generated = generated[: generated.index(tokenizer.eos_token_id)]
             assert text == tokenizer.decode(generated, skip_special_tokens=True).strip()
     follows = runner.score().follows.tolist()
-    assert follows == [is_success(s.sample, t) for s, t in zip(two_words, texts, strict=True)]
+    assert follows == [is_success(s.sample, texts[i]) for i, s in enumerate(two_words)]
 
 
 def test_hooks_are_removed_and_state_restored_even_on_error(tiny_llava, small_data):
@@ -626,8 +680,10 @@ def test_logit_lens_adds_up_and_matches_a_hand_computed_decomposition(tiny_model
     loaded = load_model(tiny_model)
     conflicts = [s for s in load_samples(small_data["test"]) if s.sample.kind == "conflict"][:6]
     runner = Runner(loaded, conflicts, 6)
-    batch = runner.batch(0)
-    found = decompose(loaded, batch, runner.tokens.instructed, runner.tokens.competing)
+    members, batch = runner.batches[0], runner.encoded(0)
+    instructed = [runner.tokens.instructed[i] for i in members]
+    competing = [runner.tokens.competing[i] for i in members]
+    found = decompose(loaded, batch, instructed, competing)
     assert torch.allclose(found.total(), found.logit_diff, atol=1e-4), (found.total(), found.logit_diff)
     assert found.logit_diff.abs().max() > 1e-3  # the test is not trivially about zeros
 
@@ -657,8 +713,8 @@ def test_logit_lens_adds_up_and_matches_a_hand_computed_decomposition(tiny_model
     last = batch["attention_mask"].sum(1) - 1
     norm, weight = modules.final_norm, modules.unembedding.weight.detach()
     gamma = norm.weight.detach()
-    for row in range(len(conflicts)):
-        inst, comp = runner.tokens.instructed[row], runner.tokens.competing[row]
+    for row in range(len(members)):
+        inst, comp = instructed[row], competing[row]
         direction = weight[inst].mean(0) - weight[comp].mean(0)
         x_final = outputs[("final", 0)][row, last[row]]
         scale = gamma / torch.sqrt(x_final.pow(2).mean() + norm.variance_epsilon)  # RMSNorm

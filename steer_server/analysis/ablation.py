@@ -1,5 +1,6 @@
 """Exact ablation of the best attributed heads: the measured drop of the metric when one head is
-zeroed (1 forward per head), which orders the candidates and picks the heads of a mode."""
+zeroed (1 forward per head from the head's layer on, :meth:`.metric.Runner.score_many`), which orders
+the candidates and picks the heads of a mode."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from ..geometry import ModelGeometry
 from ..spec import gains_matrix
-from .metric import Runner
+from .metric import BASELINE, Runner, Setting
 
 
 @dataclass
@@ -47,16 +48,20 @@ def rank_mode(
 ) -> ModeResult:
     """Ablate the `k * candidate_factor` best attributed heads one at a time on the samples `indices`
     (scores: [N, L, H] attribution) and keep the `k` with the largest measured drop."""
-    from tqdm import tqdm
-
     mean_scores = scores[indices].mean(dim=0)  # [L, H]; NaN on layers without attention heads
     ranked = sorted(geometry.heads(), key=lambda lh: float(mean_scores[lh]), reverse=True)
     candidates = ranked[: max(k * candidate_factor, k)]
-    base = runner.score(indices=indices).metric
-    exact: dict[tuple[int, int], float] = {}
-    for layer, head in tqdm(candidates, desc="exact ablation", disable=not progress, unit="head"):
-        ablated = runner.score(gain_table(geometry, [(layer, head)], 0.0), indices=indices).metric
-        exact[(layer, head)] = float((base - ablated).mean())
+    settings = [BASELINE, *(Setting.of_gains(gain_table(geometry, [lh], 0.0)) for lh in candidates)]
+    base, *ablated = runner.score_many(
+        settings,
+        indices,
+        answers=False,
+        progress=f"exact ablation ({len(candidates)} heads)" if progress else None,
+    )
+    exact = {
+        lh: float((base.metric - scored.metric).mean())
+        for lh, scored in zip(candidates, ablated, strict=True)
+    }
     chosen = sorted(candidates, key=lambda lh: exact[lh], reverse=True)[:k]
     rho = spearman([float(mean_scores[lh]) for lh in candidates], [exact[lh] for lh in candidates])
     return ModeResult(heads=chosen, exact=exact, attribution=mean_scores, spearman=rho)

@@ -58,24 +58,22 @@ def attribution(runner: Runner, geometry: ModelGeometry, progress: bool) -> torc
     from tqdm import tqdm
 
     model = runner.loaded.model
-    scores = []
+    scores = torch.full((len(runner.samples), geometry.num_layers, geometry.num_heads), math.nan)
     with _frozen_parameters(model), _embeddings_as_leaf(model):
-        for start in tqdm(runner.starts(), desc="attribution (1F+1B)", disable=not progress, unit="batch"):
+        for number, rows in enumerate(
+            tqdm(runner.batches, desc="attribution (1F+1B)", disable=not progress, unit="batch")
+        ):
             with capture_head_outputs(model) as captured, torch.enable_grad():
-                logits = last_position_logits(runner.loaded, runner.batch(start))
-                runner.metric(start, logits).sum().backward()
+                logits = last_position_logits(runner.loaded, runner.encoded(number))
+                runner.metric(rows, logits).sum().backward()
             if [layer for layer, _ in captured] != list(geometry.layers):
                 raise AnalysisError(
                     f"expected one o_proj input per attention layer {list(geometry.layers)} per forward, "
                     f"saw layers {[layer for layer, _ in captured]}"
                 )
-            batch_scores = torch.full(
-                (captured[0][1].shape[0], geometry.num_layers, geometry.num_heads), math.nan
-            )
             for layer, z in captured:
                 assert z.grad is not None
                 # Products and sums in float32, whatever the forward's dtype (--dtype).
                 product = (z.float() * z.grad.float()).unflatten(-1, (geometry.num_heads, geometry.head_dim))
-                batch_scores[:, layer] = product.sum(dim=(1, 3)).detach().cpu()
-            scores.append(batch_scores)
-    return torch.cat(scores)
+                scores[rows, layer] = product.sum(dim=(1, 3)).detach().cpu()
+    return scores

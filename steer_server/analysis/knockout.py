@@ -17,7 +17,7 @@ from ..geometry import ModelGeometry
 from ..hf.hooks import knockout_attention
 from ..hf.model import LoadedModel
 from .config import AnalysisError
-from .metric import Runner
+from .metric import BASELINE, Runner, Setting
 
 GROUPS = ("image", "context", "instruction", "question", "last")
 KNOCKOUT_EDGES = (
@@ -125,13 +125,12 @@ def _span(text: str, part: str) -> tuple[int, int]:
 def knockout(runner: Runner, geometry: ModelGeometry, window: int, progress: bool) -> dict[str, Any]:
     """Effect of cutting attention source → target (every edge of :data:`KNOCKOUT_EDGES`) over each
     window of `window` consecutive layers: the mean change of the metric and the MF ratio, per window's
-    first layer."""
-    from tqdm import tqdm
+    first layer. Each cut's pass starts at its window's first layer from the uncut pass' residual stream
+    (nothing below the window changes)."""
 
     def mf(follows: torch.Tensor) -> float | None:
         return mf_ratio_of([s.sample for s in runner.samples], follows.tolist())
 
-    base = runner.score()
     # Windows without attention heads (only linear-attention layers of a hybrid model) cut nothing.
     starts = [
         start
@@ -139,31 +138,29 @@ def knockout(runner: Runner, geometry: ModelGeometry, window: int, progress: boo
         if any(geometry.has_heads(layer) for layer in range(start, start + window))
     ]
     groups = {
-        start: token_groups(
-            runner.loaded, runner.samples[start : start + runner.batch_size], runner.batch(start)
-        )
-        for start in runner.starts()
+        number: token_groups(runner.loaded, [runner.samples[i] for i in rows], runner.encoded(number))
+        for number, rows in enumerate(runner.batches)
     }
+
+    def cut(source: str, target: str, first: int) -> Setting:
+        layers = set(range(first, first + window))
+
+        def active(number: int) -> Any:
+            blocked = groups[number][target][:, :, None] & groups[number][source][:, None, :]
+            return knockout_attention(runner.loaded.model, layers, blocked)
+
+        return Setting(intervention=active, first_layer=first)
+
+    cuts = [(source, target, first) for source, target in KNOCKOUT_EDGES for first in starts]
+    base, *scored = runner.score_many(
+        [BASELINE, *(cut(*edge) for edge in cuts)],
+        progress=f"attention knockout ({len(cuts)} cuts)" if progress else None,
+    )
     edges: dict[str, Any] = {}
-    with tqdm(
-        total=len(KNOCKOUT_EDGES) * len(starts), desc="attention knockout", disable=not progress
-    ) as bar:
-        for source, target in KNOCKOUT_EDGES:
-            deltas, ratios = [], []
-            for first in starts:
-                layers = set(range(first, first + window))
-
-                def cut(
-                    start: int, layers: set[int] = layers, source: str = source, target: str = target
-                ) -> Any:
-                    blocked = groups[start][target][:, :, None] & groups[start][source][:, None, :]
-                    return knockout_attention(runner.loaded.model, layers, blocked)
-
-                scored = runner.score(intervention=cut)
-                deltas.append(float((scored.metric - base.metric).mean()))
-                ratios.append(mf(scored.follows))
-                bar.update(1)
-            edges[f"{source}->{target}"] = {"delta_metric": deltas, "mf_ratio": ratios}
+    for (source, target, _), result in zip(cuts, scored, strict=True):
+        edge = edges.setdefault(f"{source}->{target}", {"delta_metric": [], "mf_ratio": []})
+        edge["delta_metric"].append(float((result.metric - base.metric).mean()))
+        edge["mf_ratio"].append(mf(result.follows))
     return {
         "window": window,
         "samples": len(runner.samples),

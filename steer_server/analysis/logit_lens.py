@@ -184,12 +184,13 @@ def semantic_inertia(runner: Runner, progress: bool) -> dict[str, Any]:
         raise AnalysisError("the logit lens needs conflict samples only")
     follows = runner.score().follows
     parts: list[Decomposition] = []
-    for start in tqdm(list(runner.starts()), desc="logit lens", disable=not progress, unit="batch"):
-        rows = range(start, min(start + runner.batch_size, len(runner.samples)))
+    for number, rows in enumerate(
+        tqdm(runner.batches, desc="logit lens", disable=not progress, unit="batch")
+    ):
         parts.append(
             decompose(
                 runner.loaded,
-                runner.batch(start),
+                runner.encoded(number),
                 [runner.tokens.instructed[i] for i in rows],
                 [runner.tokens.competing[i] for i in rows],
             )
@@ -197,6 +198,7 @@ def semantic_inertia(runner: Runner, progress: bool) -> dict[str, Any]:
     whole = Decomposition(
         *(torch.cat([getattr(part, f.name) for part in parts]) for f in fields(Decomposition))
     )
+    follows = follows[torch.tensor([i for rows in runner.batches for i in rows])]  # batch order, like `whole`
     error = float((whole.total() - whole.logit_diff).abs().max())
     groups: dict[str, Any] = {}
     for name, mask in (("failed", ~follows), ("followed", follows)):

@@ -10,7 +10,7 @@ the project.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,14 +18,15 @@ import torch
 
 from ..data.schema import LoadedSample
 from ..data.scoring import is_success
-from ..hf.hooks import scale_heads
-from ..hf.model import LoadedModel, answer_budget, encode, greedy_decode
+from ..hf.hooks import capture_resid_pre, scale_heads, start_at_layer
+from ..hf.model import LoadedModel, answer_budget, encode, greedy_decode, last_position_logits
 from .config import AnalysisError
 
 
 @dataclass(frozen=True)
 class Scored:
-    """Per-sample metric [N] float32 (log-probability units) and success [N] bool."""
+    """Per-sample metric [N] float32 (log-probability units) and success [N] bool (empty when scored
+    without answers)."""
 
     metric: torch.Tensor
     follows: torch.Tensor
@@ -96,16 +97,63 @@ def score_logits(
     return torch.stack(metric)
 
 
+# An intervention on one of the runner's batches (its number), active around that batch's passes.
 Intervention = Callable[[int], AbstractContextManager[Any]]
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What one scored pass runs under: head gains [L, H] (None: none), an intervention (None: none), and
+    the first decoder layer either changes (0: unknown or the first; later layers let the pass start from
+    the unintervened pass' residual stream there, :func:`~steer_server.hf.hooks.start_at_layer`)."""
+
+    gains: torch.Tensor | None = None
+    intervention: Intervention | None = None
+    first_layer: int = 0
+
+    @classmethod
+    def of_gains(cls, gains: torch.Tensor) -> Setting:
+        """Head gains [L, H], starting at the first layer with a gain other than 1 (none: the baseline)."""
+        changed = (gains != 1).any(dim=-1).nonzero()
+        return cls(gains=gains, first_layer=int(changed[0])) if len(changed) else BASELINE
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.gains is None and self.intervention is None
+
+    def active(self, model: Any, batch: int) -> AbstractContextManager[Any]:
+        """The setting's hooks on `model` for the runner's batch number `batch`."""
+        stack = ExitStack()
+        if self.gains is not None:
+            stack.enter_context(scale_heads(model, self.gains))
+        if self.intervention is not None:
+            stack.enter_context(self.intervention(batch))
+        return stack
+
+
+BASELINE = Setting()
+
+
+def group_batches(samples: Sequence[LoadedSample], batch_size: int) -> list[list[int]]:
+    """Sample indices in batches of at most `batch_size`, each of one (kind, instruction) only, in order of
+    appearance: a pass over one instruction's conflicts (or controls) forwards no other sample."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, loaded in enumerate(samples):
+        groups.setdefault((loaded.sample.kind, loaded.sample.follow), []).append(index)
+    return [
+        members[start : start + batch_size]
+        for members in groups.values()
+        for start in range(0, len(members), batch_size)
+    ]
+
+
 class Runner:
-    """Samples encoded once per batch and scored under any intervention.
+    """Samples encoded once per batch and scored under any :class:`Setting`.
 
     Args:
         loaded: the model.
         samples: the samples, in a fixed order (indices below refer to it).
-        batch_size: samples per forward pass.
+        batch_size: samples per forward pass (:func:`group_batches`).
 
     Raises:
         AnalysisError: see :func:`answer_tokens`.
@@ -117,21 +165,17 @@ class Runner:
         self.batch_size = batch_size
         self.tokens = answer_tokens(loaded.processor.tokenizer, self.samples)
         self.budget = answer_budget(loaded.processor.tokenizer, self.samples)
-        self._batches: dict[int, dict[str, torch.Tensor]] = {}
+        self.batches = group_batches(self.samples, batch_size)
+        self._encoded: dict[int, dict[str, torch.Tensor]] = {}
 
-    def batch(self, start: int) -> dict[str, torch.Tensor]:
-        """The encoded batch of samples [start, start + batch_size) (cached)."""
-        if start not in self._batches:
-            self._batches[start] = encode(self.loaded, self.samples[start : start + self.batch_size])
-        return self._batches[start]
+    def encoded(self, batch: int) -> dict[str, torch.Tensor]:
+        """The encoded batch number `batch` (of :attr:`batches`; cached)."""
+        if batch not in self._encoded:
+            self._encoded[batch] = encode(self.loaded, [self.samples[i] for i in self.batches[batch]])
+        return self._encoded[batch]
 
-    def starts(self) -> range:
-        """First sample index of every batch."""
-        return range(0, len(self.samples), self.batch_size)
-
-    def metric(self, start: int, logits: torch.Tensor) -> torch.Tensor:
-        """The metric of the batch at `start` from its last-position logits [B, V]."""
-        rows = range(start, start + logits.shape[0])
+    def metric(self, rows: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        """The metric [B] of the samples `rows` from their first answer token's logits [B, V]."""
         return score_logits(
             logits, [self.tokens.instructed[i] for i in rows], [self.tokens.competing[i] for i in rows]
         )
@@ -142,21 +186,63 @@ class Runner:
         indices: Sequence[int] | None = None,
         intervention: Intervention | None = None,
     ) -> Scored:
-        """Forward every sample (or only `indices`, in sample order) under head gains [L, H] (None:
-        unsteered) and/or an intervention (a context manager per batch start), and score it."""
+        """:meth:`score_many` of one setting: head gains [L, H] (None: unsteered) and/or an intervention."""
+        return self.score_many([Setting(gains, intervention)], indices)[0]
+
+    def score_many(
+        self,
+        settings: Sequence[Setting],
+        indices: Sequence[int] | None = None,
+        *,
+        answers: bool = True,
+        progress: str | None = None,
+    ) -> list[Scored]:
+        """Score every sample (or only `indices`; results in sample order) under each setting, batch by
+        batch. With :data:`BASELINE` among the settings, its pass keeps the residual stream at every later
+        setting's first layer and those start there (exact, :func:`~steer_server.hf.hooks.start_at_layer`).
+        Only the first answer token's forward is shortened; further greedy steps (when `answers` and the
+        answer budget is over 1 token) rerun the whole sequence. `answers=False` scores the metric only:
+        `follows` is then empty, and no answer is decoded past its first token. `progress`: a progress
+        bar's description (None: none)."""
+        from tqdm import tqdm
+
         wanted = set(range(len(self.samples))) if indices is None else set(indices)
-        metrics, follows = [], []
-        for start in self.starts():
-            rows = [i for i in range(start, min(start + self.batch_size, len(self.samples))) if i in wanted]
-            if not rows:
-                continue
-            with (
-                torch.inference_mode(),
-                nullcontext() if gains is None else scale_heads(self.loaded.model, gains),
-                nullcontext() if intervention is None else intervention(start),
-            ):
-                logits, texts = greedy_decode(self.loaded, self.batch(start), self.budget)
-            local = [i - start for i in rows]
-            metrics.append(self.metric(start, logits)[local])
-            follows += [is_success(self.samples[i].sample, texts[i - start]) for i in rows]
-        return Scored(metric=torch.cat(metrics), follows=torch.tensor(follows, dtype=torch.bool))
+        starts = sorted({s.first_layer for s in settings if s.first_layer > 0})
+        reuse = any(s.is_baseline for s in settings)
+        per_setting: list[dict[int, tuple[float, bool]]] = [{} for _ in settings]
+        model = self.loaded.model
+        todo = [(n, members) for n, members in enumerate(self.batches) if wanted.intersection(members)]
+        for number, members in tqdm(todo, desc=progress, disable=progress is None, unit="batch"):
+            rows = [i for i in members if i in wanted]
+            local = [members.index(i) for i in rows]
+            batch = self.encoded(number)
+            with torch.inference_mode():
+                baseline: torch.Tensor | None = None
+                resid: dict[int, torch.Tensor] = {}
+                if reuse:
+                    with capture_resid_pre(model, starts) as resid:
+                        baseline = last_position_logits(self.loaded, batch)
+                for setting, results in zip(settings, per_setting, strict=True):
+                    with setting.active(model, number):
+                        if setting.is_baseline and baseline is not None:
+                            first = baseline
+                        elif setting.first_layer in resid:
+                            with start_at_layer(model, setting.first_layer, resid[setting.first_layer]):
+                                first = last_position_logits(self.loaded, batch)
+                        else:
+                            first = last_position_logits(self.loaded, batch)
+                        texts = (
+                            greedy_decode(self.loaded, batch, self.budget, first=first)[1] if answers else []
+                        )
+                    metric = self.metric(members, first)
+                    for i, row in zip(rows, local, strict=True):
+                        ok = is_success(self.samples[i].sample, texts[row]) if answers else False
+                        results[i] = (float(metric[row]), ok)
+        order = sorted(wanted)
+        return [
+            Scored(
+                metric=torch.tensor([results[i][0] for i in order]),
+                follows=torch.tensor([results[i][1] for i in order] if answers else [], dtype=torch.bool),
+            )
+            for results in per_setting
+        ]

@@ -15,15 +15,13 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ..data.scoring import mf_ratio_estimate, mf_ratio_over_draws, mf_relative_drop
 from ..geometry import ModelGeometry
 from ..profile import MODES
 from ..stats import proportion
 from .ablation import gain_table
 from .config import AnalysisConfig, AnalysisError
-from .metric import Runner
+from .metric import BASELINE, Runner, Setting
 
 # Amplification may break at most this share of correctly answered samples at the default gain.
 MAX_BROKEN_SHARE = 0.05
@@ -70,28 +68,30 @@ class _Validator:
             i for i, s in enumerate(self.runner.samples) if s.sample.kind == kind and s.sample.follow == mode
         ]
 
-    def follows(self, heads: list[tuple[int, int]], gain: float, indices: list[int]) -> list[bool]:
-        """Success of each of `indices` with `heads` at `gain` (no heads: unsteered)."""
-        table: torch.Tensor | None = gain_table(self.geometry, heads, gain) if heads else None
-        return [bool(x) for x in self.runner.score(table, indices=indices).follows.tolist()]
+    def setting(self, heads: list[tuple[int, int]], gain: float) -> Setting:
+        return Setting.of_gains(gain_table(self.geometry, heads, gain))
 
-    def sweep(
-        self,
-        heads: list[tuple[int, int]],
-        failed: list[int],
-        correct: list[int],
-        mode: str,
-        gains: tuple[float, ...],
-    ) -> dict[float, _SweepCounts]:
-        """Per gain: failures rescued and successes broken by amplifying `heads`."""
-        from tqdm import tqdm
+    def follows(self, settings: list[Setting], indices: list[int], what: str) -> list[list[bool]]:
+        """Success of each of `indices` under each setting (one pass over their batches for all)."""
+        scored = self.runner.score_many(
+            settings, indices, progress=f"{what} ({len(settings)} settings)" if self.config.progress else None
+        )
+        return [[bool(x) for x in s.follows.tolist()] for s in scored]
 
-        counts = {}
-        for gain in tqdm(gains, desc=f"gain sweep ({mode})", disable=not self.config.progress, unit="gain"):
-            rescued = sum(self.follows(heads, gain, failed)) if failed else 0
-            broken = len(correct) - sum(self.follows(heads, gain, correct)) if correct else 0
-            counts[gain] = _SweepCounts(rescued, len(failed), broken, len(correct))
-        return counts
+    @staticmethod
+    def sweep(base: list[bool], amplified: dict[float, list[bool]]) -> dict[float, _SweepCounts]:
+        """Per gain: baseline failures rescued and baseline successes broken (`amplified`: each gain's
+        success per conflict, in the order of `base`)."""
+        failed, correct = base.count(False), base.count(True)
+        return {
+            gain: _SweepCounts(
+                rescued=sum(ok and not was for ok, was in zip(hits, base, strict=True)),
+                failed=failed,
+                broken=sum(was and not ok for ok, was in zip(hits, base, strict=True)),
+                correct=correct,
+            )
+            for gain, hits in amplified.items()
+        }
 
     def pooled_sweep(self, selected: dict[str, list[tuple[int, int]]]) -> dict[float, _SweepCounts]:
         """The sweep of both modes (each mode's own heads on its own conflicts), pooled."""
@@ -100,29 +100,15 @@ class _Validator:
             conflict = self.indices("conflict", mode)
             if not conflict:
                 raise AnalysisError(f"no conflict samples with follow={mode}")
-            base = self.follows([], 1.0, conflict)
-            failed = [i for i, ok in zip(conflict, base, strict=True) if not ok]
-            correct = [i for i, ok in zip(conflict, base, strict=True) if ok]
-            for gain, count in self.sweep(selected[mode], failed, correct, mode, self.config.gains).items():
+            gains = self.config.gains
+            base, *hits = self.follows(
+                [BASELINE, *(self.setting(selected[mode], g) for g in gains)],
+                conflict,
+                f"gain sweep ({mode})",
+            )
+            for gain, count in self.sweep(base, dict(zip(gains, hits, strict=True))).items():
                 pooled[gain].add(count)
         return pooled
-
-    def random_draws(
-        self, pool: list[tuple[int, int]], count: int, conflict: list[int], rng: random.Random, mode: str
-    ) -> tuple[list[list[bool]], list[list[list[int]]]]:
-        from tqdm import tqdm
-
-        outcomes, drawn_heads = [], []
-        for _ in tqdm(
-            range(self.config.random_draws),
-            desc=f"random heads ({mode})",
-            disable=not self.config.progress,
-            unit="draw",
-        ):
-            drawn = rng.sample(pool, count)
-            drawn_heads.append([[layer, head] for layer, head in drawn])
-            outcomes.append(self.follows(drawn, 0.0, conflict))
-        return outcomes, drawn_heads
 
     def mode(
         self,
@@ -136,13 +122,23 @@ class _Validator:
         control = self.indices("control", mode)
         if not conflict:
             raise AnalysisError(f"no conflict samples with follow={mode} to validate on")
-        base = self.follows([], 1.0, conflict)
-        block_top = self.follows(heads, 0.0, conflict)
-        random_outcomes, random_heads = self.random_draws(pool, len(heads), conflict, rng, mode)
-        failed = [i for i, ok in zip(conflict, base, strict=True) if not ok]
-        correct = [i for i, ok in zip(conflict, base, strict=True) if ok]
+        drawn = [rng.sample(pool, len(heads)) for _ in range(self.config.random_draws)]
         gains = tuple(dict.fromkeys((*self.config.gains, default_gain)))
-        counts = self.sweep(heads, failed, correct, mode, gains)
+        settings = [
+            BASELINE,
+            self.setting(heads, 0.0),
+            *(self.setting(heads_drawn, 0.0) for heads_drawn in drawn),
+            *(self.setting(heads, gain) for gain in gains),
+        ]
+        outcomes = self.follows(settings, conflict, f"validation ({mode})")
+        base, block_top = outcomes[0], outcomes[1]
+        random_outcomes = outcomes[2 : 2 + len(drawn)]
+        counts = self.sweep(base, dict(zip(gains, outcomes[2 + len(drawn) :], strict=True)))
+        controls = (
+            self.follows([BASELINE, self.setting(heads, 0.0)], control, f"controls ({mode})")
+            if control
+            else None
+        )
 
         def share(hits: list[bool]) -> dict[str, Any]:
             return proportion(sum(hits), len(hits)).as_dict()
@@ -151,17 +147,17 @@ class _Validator:
         report = {
             "conflicts": len(conflict),
             "controls": len(control),
-            "failed_at_baseline": len(failed),
+            "failed_at_baseline": base.count(False),
             "mf_ratio_baseline": share(base),
             "mf_ratio_block_top": share(block_top),
             "mf_ratio_block_random": mf_ratio_over_draws([mode] * len(conflict), random_outcomes).as_dict(),
             "mf_ratio_block_random_draws": draws,
-            "block_random_heads": random_heads,
+            "block_random_heads": [[[layer, head] for layer, head in heads_drawn] for heads_drawn in drawn],
             "gain_sweep": {str(gain): counts[gain].estimates() for gain in self.config.gains},
             "amplify_rescued_share": counts[default_gain].estimates()["rescued_share"],
             "amplify_broken_share": counts[default_gain].estimates()["broken_share"],
-            "control_accuracy_baseline": share(self.follows([], 1.0, control)) if control else None,
-            "control_accuracy_block_top": share(self.follows(heads, 0.0, control)) if control else None,
+            "control_accuracy_baseline": share(controls[0]) if controls else None,
+            "control_accuracy_block_top": share(controls[1]) if controls else None,
         }
         return report, _Outcomes(base, block_top, random_outcomes), counts
 

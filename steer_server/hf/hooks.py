@@ -13,7 +13,10 @@ Three kinds of hook point, named as TransformerLens names them:
   (:func:`knockout_attention`, the paper's attention knockout).
 - ``blocks.{layer}.hook_resid_pre`` / ``hook_resid_mid`` / ``hook_resid_post`` and ``ln_final.hook_in``:
   the residual stream before a decoder layer, between its token mixer and its MLP, after it, and at the
-  final norm (:func:`capture_residual_stream`, the logit lens).
+  final norm (:func:`capture_residual_stream`, the logit lens). :func:`capture_resid_pre` keeps
+  ``hook_resid_pre`` of chosen layers whole, and :func:`start_at_layer` runs a later forward of the same
+  batch from one of them (TransformerLens's ``start_at_layer``): what an intervention at layer l and
+  above cannot change is not computed again.
 
 Every function is a context manager: hooks are removed, and anything changed is restored, on exit,
 also when the body raises.
@@ -21,7 +24,7 @@ also when the body raises.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -215,3 +218,83 @@ def capture_residual_stream(
         final = modules.final_norm.register_forward_pre_hook(keep_input("ln_final", 0), with_kwargs=True)
         stack.callback(final.remove)
         yield stream
+
+
+def _hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any], where: str) -> torch.Tensor:
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(hidden, torch.Tensor):
+        raise RuntimeError(f"{where}: the module got no hidden-states tensor")
+    return hidden
+
+
+@contextmanager
+def capture_resid_pre(model: Any, layers: Collection[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Keep ``hook_resid_pre`` (the decoder layer's input, [batch, positions, hidden], detached) of each of
+    `layers` from the forward run inside the block, for :func:`start_at_layer`; the dict holds `layers` once the
+    forward has passed them.
+
+    Raises:
+        RuntimeError: a hooked layer got no hidden-states tensor.
+    """
+    modules = residual_modules(model).layers
+    kept: dict[int, torch.Tensor] = {}
+
+    def make(layer: int) -> Any:
+        if layer not in layers:
+            return None
+
+        def keep(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            kept[layer] = _hidden_states(args, kwargs, f"resid_pre[{layer}]").detach()
+
+        return keep
+
+    with _hooks(modules, make, with_kwargs=True):
+        yield kept
+
+
+@contextmanager
+def start_at_layer(model: Any, layer: int, resid_pre: torch.Tensor) -> Iterator[None]:
+    """Run the forward inside the block from decoder layer `layer` on: the layers before it hand their
+    input on unchanged (their forward is not run) and layer `layer` reads `resid_pre` instead of its input.
+
+    Exact when `resid_pre` is :func:`capture_resid_pre` of the same batch from a forward that differed
+    from this one only at layer `layer` and above (an intervention there cannot reach an earlier layer of
+    the same pass: decoder layers run in order). The embeddings, the vision tower, the masks and the
+    position embeddings are still computed (they are outside the decoder layers).
+
+    Args:
+        layer: the first decoder layer that runs, > 0.
+        resid_pre: [batch, positions, hidden], that layer's input.
+
+    Raises:
+        ValueError: `layer` is not a decoder layer after the first.
+        RuntimeError: layer `layer`'s input is not shaped like `resid_pre` (another batch); a skipped
+            layer got no hidden-states tensor.
+    """
+    modules = residual_modules(model).layers
+    if layer not in modules or layer == min(modules):
+        raise ValueError(f"start_at_layer needs a decoder layer after the first, got {layer}")
+
+    def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
+        # transformers 5's decoder layers return the hidden states (a tensor), as this does.
+        return _hidden_states(args, kwargs, "a skipped decoder layer")
+
+    def resume(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        hidden = _hidden_states(args, kwargs, f"resid_pre[{layer}]")
+        if hidden.shape != resid_pre.shape:
+            raise RuntimeError(
+                f"start_at_layer({layer}): the layer's input is {tuple(hidden.shape)}, the kept residual "
+                f"stream {tuple(resid_pre.shape)} (another batch)"
+            )
+        replaced = resid_pre.to(hidden.device, hidden.dtype)
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": replaced}
+        return (replaced, *args[1:]), kwargs
+
+    skipped = [module for index, module in modules.items() if index < layer]
+    with ExitStack() as stack:
+        for module in skipped:
+            module.forward = passthrough
+            stack.callback(vars(module).pop, "forward", None)
+        stack.callback(modules[layer].register_forward_pre_hook(resume, with_kwargs=True).remove)
+        yield

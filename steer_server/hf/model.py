@@ -120,7 +120,7 @@ def encode(
 
 def last_position_logits(loaded: LoadedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[B, vocab] float32 logits at each prompt's last real token: the first answer token's distribution."""
-    logits = loaded.model(**batch).logits
+    logits = loaded.model(**batch, use_cache=False).logits
     last = batch["attention_mask"].sum(dim=1) - 1
     return logits[torch.arange(logits.shape[0], device=logits.device), last].float()
 
@@ -140,16 +140,18 @@ def answer_budget(tokenizer: Any, samples: Sequence[LoadedSample]) -> int:
 
 
 def greedy_decode(
-    loaded: LoadedModel, batch: dict[str, torch.Tensor], max_tokens: int
+    loaded: LoadedModel, batch: dict[str, torch.Tensor], max_tokens: int, first: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, list[str]]:
     """Greedy answers of a right-padded batch: the first answer token's logits [B, V] float32, and each
     row's answer of up to `max_tokens` tokens (stopping at end of sequence), decoded and stripped.
 
     Runs `max_tokens` forward passes without a KV cache (each new token goes at its row's end), so any
-    hook active around the call applies to every step.
+    hook active around the call applies to every step; `first`, the first token's logits when the caller
+    already has them (:func:`last_position_logits` under the same hooks), saves the first.
     """
     tokenizer = loaded.processor.tokenizer
-    first = last_position_logits(loaded, batch)
+    if first is None:
+        first = last_position_logits(loaded, batch)
     tokens = [[t] for t in first.argmax(dim=-1).tolist()]
     current = batch
     for _ in range(1, max_tokens):
