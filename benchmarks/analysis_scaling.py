@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from bench_model import SIZES, build_model, command_line, lm_parameters, progress, save_report
@@ -50,7 +51,8 @@ class DataShape:
     in order, as ``(kind, follow)`` (the selection runner holds the selection split's conflicts, the
     report runner the whole report split); the answer budget each runner computes (forwards per scored
     sample, one per greedy answer token); the model's layers, those with attention heads, and the heads
-    per layer."""
+    per layer; per report conflict, in order, its prompt's length in tokens and the first position of each
+    of the knockout's token groups (``"image"``, ``"instruction"``, ...)."""
 
     selection: list[tuple[str, str]]
     report: list[tuple[str, str]]
@@ -60,6 +62,7 @@ class DataShape:
     layers_with_heads: list[int]
     num_layers: int
     num_heads: int
+    report_conflict_positions: list[dict[str, int]]
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,35 @@ def _start_fraction(shape: DataShape, layers: list[int] | None, count: int) -> f
     return expected
 
 
+def knockout_forwards(shape: DataShape, config: Any, windows: list[int], more: int) -> float:
+    """Forwards of the knockout's cut passes over its conflicts (the first ``knockout_samples`` report
+    conflicts, in the runner's batches): each edge of each window starts at the window's first layer and,
+    in each batch, at the first position of the edge's target group (the shortest prompt's last token for
+    ``last``), so it costs ``(L - window) / L x (width - position) / width`` F per sample, ``width`` the
+    batch's longest prompt (the attention over the earlier positions' cached keys is not counted); plus
+    ``more`` whole forwards per sample for the further greedy answer tokens."""
+    from steer_server.analysis.knockout import KNOCKOUT_EDGES
+    from steer_server.analysis.metric import group_batches
+
+    knocked = min(config.knockout_samples, len(shape.report_conflict_positions))
+    positions = shape.report_conflict_positions[:knocked]
+    follows = [follow for kind, follow in shape.report if kind == "conflict"][:knocked]
+    members = [SimpleNamespace(sample=SimpleNamespace(kind="conflict", follow=f)) for f in follows]
+    total = 0.0
+    for batch in group_batches(members, config.batch_size):
+        width = max(positions[i]["length"] for i in batch)
+        for _, target in KNOCKOUT_EDGES:
+            if target == "last":
+                first = min(positions[i]["length"] for i in batch) - 1
+            else:
+                first = min((positions[i][target] for i in batch if target in positions[i]), default=0)
+            share = (width - first) / width
+            total += len(batch) * sum(
+                (shape.num_layers - window) / shape.num_layers * share + more for window in windows
+            )
+    return total
+
+
 def forward_equivalents(
     config: Any, shape: DataShape, heads: HeadLayers | None = None
 ) -> dict[str, dict[str, float]]:
@@ -138,12 +170,11 @@ def forward_equivalents(
       and blocked;
     - knockout: over ``min(knockout_samples, conflicts)`` conflicts the baseline and each edge (6) of each
       window of ``knockout_window`` layers (default ``max(1, layers // 8)``) holding heads, starting at the
-      window's first layer;
+      window's first layer and the target group's first position (:func:`knockout_forwards`);
     - logit lens: a scored pass over the conflicts and one plain forward each (the decomposition).
 
     Returns ``{stage: {"F": forwards, "B": backwards}}`` with a ``"total"`` row.
     """
-    from steer_server.analysis.knockout import KNOCKOUT_EDGES
     from steer_server.profile import MODES
 
     total_heads = len(shape.layers_with_heads) * shape.num_heads
@@ -192,7 +223,7 @@ def forward_equivalents(
         )
         return conflict + controls[mode] * (b_rep + selected_f(mode) + more_rep)
 
-    knockout_f = sum(len(KNOCKOUT_EDGES) * (fraction([first], 1) + more_conf) for first in windows)
+    knockout_f = knockout_forwards(shape, config, windows, more_conf)
     selection = len(shape.selection)
     stages: dict[str, dict[str, float]] = {
         "attribution": {"F": selection, "B": selection},
@@ -202,7 +233,7 @@ def forward_equivalents(
             "B": 0,
         },
         "validation": {"F": sum(validation(m) for m in MODES), "B": 0},
-        "knockout": {"F": knocked * (b_conf + knockout_f), "B": 0},
+        "knockout": {"F": knocked * b_conf + knockout_f, "B": 0},
         "logit lens": {"F": (b_conf + 1) * report_conflicts, "B": 0},
     }
     stages["total"] = {
@@ -214,12 +245,17 @@ def forward_equivalents(
 
 def data_shape(model_dir: Path, selection: Path, report: Path, limit: int | None) -> DataShape:
     """The :class:`DataShape` of an analysis of `model_dir` with ``--data selection --eval-data report``
-    (as the pipeline loads them)."""
-    from transformers import AutoConfig, AutoTokenizer
+    (as the pipeline loads them). The report conflicts' token positions come from the model's own
+    processor and the knockout's token groups (`steer_server.analysis.knockout.token_groups`)."""
+    from types import SimpleNamespace
 
+    import torch
+    from transformers import AutoConfig, AutoProcessor
+
+    from steer_server.analysis.knockout import token_groups
     from steer_server.architectures import geometry_of
     from steer_server.data.schema import load_samples
-    from steer_server.hf.model import answer_budget
+    from steer_server.hf.model import answer_budget, encode_prompts, load_image
 
     def cut(path: Path) -> list[Any]:
         samples = load_samples(path)
@@ -227,19 +263,30 @@ def data_shape(model_dir: Path, selection: Path, report: Path, limit: int | None
 
     conflicts = [s for s in cut(selection) if s.sample.kind == "conflict"]
     held_out = cut(report)
-    geometry = geometry_of(AutoConfig.from_pretrained(model_dir))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    report_conflicts = [s for s in held_out if s.sample.kind == "conflict"]
+    config = AutoConfig.from_pretrained(model_dir)
+    geometry = geometry_of(config)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    tokenizer = processor.tokenizer
+    positions = []
+    for loaded in report_conflicts:
+        batch = encode_prompts(processor, [loaded.sample], [load_image(loaded.image_path)])
+        groups = token_groups(
+            SimpleNamespace(processor=processor, model=SimpleNamespace(config=config)), [loaded], batch
+        )
+        length = int(batch["attention_mask"].sum())
+        firsts = {name: int(torch.nonzero(mask[0])[0]) for name, mask in groups.items() if bool(mask.any())}
+        positions.append({"length": length, **firsts})
     return DataShape(
         selection=[(s.sample.kind, s.sample.follow) for s in conflicts],
         report=[(s.sample.kind, s.sample.follow) for s in held_out],
         budget_selection=answer_budget(tokenizer, conflicts),
         budget_report=answer_budget(tokenizer, held_out),
-        budget_report_conflicts=answer_budget(
-            tokenizer, [s for s in held_out if s.sample.kind == "conflict"]
-        ),
+        budget_report_conflicts=answer_budget(tokenizer, report_conflicts),
         layers_with_heads=[layer for layer in geometry.layers if geometry.has_heads(layer)],
         num_layers=geometry.num_layers,
         num_heads=geometry.num_heads,
+        report_conflict_positions=positions,
     )
 
 

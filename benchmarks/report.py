@@ -8,6 +8,7 @@ Reads, where present (a missing file leaves its section saying so):
 - ``engine_ab.json``     `throughput.py --part ab` (engines side by side, A/A arm);
 - ``bench_serve.json``   `bench_serve.py` (`vllm bench serve` against the toy server);
 - ``analysis_scaling.json`` `analysis_scaling.py`;
+- ``analysis_speedup.json`` `analysis_speedup.py` (the analysis before and after a change);
 - ``kernel_bench.json``  `kernel_bench.py` on a CUDA GPU (its GPU section), ``kernel_bench_cpu.json`` on CPU;
 - ``load.json``          the load test of `make bench`.
 
@@ -283,11 +284,12 @@ def section_analysis(scaling: dict[str, Any] | None) -> list[str]:
         f"(`--limit {scaling['limit']} --top-frac {first['top_frac']} --random-draws {first['random_draws']} "
         f"--knockout-samples {first['knockout_samples']} --batch-size {first['batch_size']}`). Peak memory: the "
         "analysis process's maximum resident set. F and B: forwards and backwards of one sample's prompt, "
-        "counted from the settings by `analysis_scaling.forward_equivalents` (attribution 1 F + 1 B per "
-        "conflict; every scored pass decodes the answer greedily, `budget` forwards per sample: exact "
-        "ablation of the candidates, the default gain's sweep, the validation's draws and sweep, the knockout "
-        "windows, the logit lens; a pass forwards every batch holding a sample it scores, whole). Their unit "
-        "times are measured with the analysis' own code (`Runner.score`, `attribution`) on a batch of the same "
+        "counted by `analysis_scaling.forward_equivalents` from the settings, the data and the layers of the "
+        "heads the run intervened on (attribution 1 F + 1 B per conflict; a scored pass forwards only the "
+        "samples it scores; a setting's first answer token costs the share of the decoder layers from its "
+        "first changed layer on, and for the knockout's cuts also only the positions from the cut group's "
+        "first on; each further greedy answer token 1 F; exact ablation scores the first token only). Their "
+        "unit times are measured with the analysis' own code (`Runner.score`, `attribution`) on a batch of the same "
         "samples; F x ms/F + B x ms/B is the compute-only prediction, shown against the measured time. The last "
         "column divides the measured time by the forward-equivalents (a backward counted as its measured "
         "time in forwards): everything the analysis spends (loading, encoding, Python) per forward-equivalent.",
@@ -335,6 +337,41 @@ def section_analysis(scaling: dict[str, Any] | None) -> list[str]:
                 if k != "total"
             )
             + " |"
+        )
+    return [*out, ""]
+
+
+def section_speedup(speedup: dict[str, Any] | None) -> list[str]:
+    out = ["### Before and after, side by side (`analysis_speedup.py`)", ""]
+    if speedup is None:
+        return [*out, "Not measured (no `analysis_speedup.json`).", ""]
+    out += [
+        provenance(speedup, "python benchmarks/analysis_speedup.py"),
+        "",
+        f"The analysis at revision `{speedup['baseline']}` (baseline) and at this revision (current), "
+        f"alternately in fresh processes, {speedup['repeats']} runs each per size, same models, data and "
+        f"settings (`{' '.join(speedup['settings'])}`). Time: the analysis' own (`provenance.seconds`); the "
+        "ratio is the geometric mean of the paired ratios with a 95% t interval. F / conflict: each "
+        "revision's own cost model, at these settings and at the defaults. Profile: the same heads and default "
+        "gain, and the largest difference of any figure (timings aside).",
+        "",
+        "| model | LM parameters | baseline s | current s | time ratio (95% CI) | F / conflict (baseline → current) | at the defaults | same heads and gain | largest figure difference |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in speedup["sizes"]:
+        ratio, cost = s["time_ratio_baseline_over_current"], s["forward_equivalents_per_conflict"]
+        spread = f" ({ratio['low']:.2f}-{ratio['high']:.2f})" if ratio["low"] is not None else ""
+        out.append(
+            f"| {s['size']} | {s['lm_parameters'] / 1e6:.1f} M | "
+            + " / ".join(f"{x:.0f}" for x in s["seconds"]["baseline"])
+            + " | "
+            + " / ".join(f"{x:.0f}" for x in s["seconds"]["current"])
+            + f" | {ratio['value']:.2f}x{spread} | {cost['baseline']['run']['F']:.1f} → {cost['current']['run']['F']:.1f} "
+            f"({cost['baseline']['run']['F'] / cost['current']['run']['F']:.1f}x) | "
+            f"{cost['baseline']['defaults']['F']:.1f} → {cost['current']['defaults']['F']:.1f} "
+            f"({cost['baseline']['defaults']['F'] / cost['current']['defaults']['F']:.1f}x) | "
+            f"{'yes' if s['same_heads_and_gain'] else 'no: ' + ', '.join(s['differences'][:3])} | "
+            f"{s['max_figure_difference']:.1g} |"
         )
     return [*out, ""]
 
@@ -495,6 +532,7 @@ def render(folder: Path) -> str:
         *section_ab(ab),
         *section_serve(load(folder, "bench_serve.json")),
         *section_analysis(load(folder, "analysis_scaling.json")),
+        *section_speedup(load(folder, "analysis_speedup.json")),
         *section_kernel(gpu_kernel_runs(folder), load(folder, "kernel_bench_cpu.json"), folder),
         *section_load(load(folder, "load.json")),
     ]

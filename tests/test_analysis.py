@@ -94,9 +94,11 @@ def test_head_gain_invariants(tiny_model, small_data):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_passes_started_at_a_later_layer_equal_whole_passes(family, small_data, tmp_path):
     """`Runner.score_many` starts each setting at its first changed layer from the baseline's residual
-    stream there (`start_at_layer`): every metric and answer equals that setting scored alone from the
-    embeddings, for head gains and for an attention knockout; the layers below are really not run. On
-    the toy (8 layers) and a 4-layer Qwen2-VL (multimodal rotary positions)."""
+    stream there (`start_at_layer`), and a setting that changes only later positions at the first of them
+    against the baseline's KV cache (`suffix_last_logits`): every metric and answer equals that setting
+    scored alone from the embeddings, for head gains and attention knockouts; the layers below and the
+    positions before are really not run. On the toy (8 layers) and a 4-layer Qwen2-VL (multimodal rotary
+    positions, which the shortened passes take from the baseline's)."""
     from steer_server.analysis.metric import BASELINE, Setting
     from steer_server.architectures import residual_modules
 
@@ -108,24 +110,34 @@ def test_passes_started_at_a_later_layer_equal_whole_passes(family, small_data, 
     last = geometry.num_layers - 1
     size = max(int(runner.encoded(n)["input_ids"].shape[1]) for n in range(len(runner.batches)))
 
-    def cut_last_row(number: int):
-        lengths = runner.encoded(number)["attention_mask"].sum(dim=1).tolist()
-        blocked = torch.zeros(len(lengths), size, size, dtype=torch.bool)
-        for row, length in enumerate(lengths):
-            blocked[row, length - 1, : length - 1] = True
-        return knockout_attention(loaded.model, {last}, blocked)
+    def lengths(number: int) -> list[int]:
+        return runner.encoded(number)["attention_mask"].sum(dim=1).tolist()
+
+    def cut_last_token(layer: int):
+        def active(number: int):
+            blocked = torch.zeros(len(lengths(number)), size, size, dtype=torch.bool)
+            for row, length in enumerate(lengths(number)):
+                blocked[row, length - 1, : length - 1] = True
+            return knockout_attention(loaded.model, {layer}, blocked)
+
+        return active
+
+    def last_tokens(number: int) -> int:
+        return min(lengths(number)) - 1
 
     settings = [
         BASELINE,
         Setting.of_gains(gain_table(geometry, [(last, 0), (last, 1)], 0.0)),
         Setting.of_gains(gain_table(geometry, [(2, 0), (last, 2)], 4.0)),
-        Setting(intervention=cut_last_row, first_layer=last),
+        Setting(intervention=cut_last_token(last), first_layer=last),
+        Setting(intervention=cut_last_token(last), first_layer=last, first_position=last_tokens),
+        Setting(intervention=cut_last_token(0), first_position=last_tokens),
     ]
-    assert [s.first_layer for s in settings] == [0, last, 2, last]
+    assert [s.first_layer for s in settings] == [0, last, 2, last, last, 0]
     mlps = residual_modules(loaded.model).mlps  # run inside a decoder layer's own forward only
-    calls = dict.fromkeys(mlps, 0)
+    seen: dict[int, list[int]] = {index: [] for index in mlps}
     handles = [
-        mlp.register_forward_pre_hook(lambda m, a, index=index: calls.__setitem__(index, calls[index] + 1))
+        mlp.register_forward_pre_hook(lambda m, a, index=index: seen[index].append(a[0].shape[1]))
         for index, mlp in mlps.items()
     ]
     try:
@@ -133,16 +145,20 @@ def test_passes_started_at_a_later_layer_equal_whole_passes(family, small_data, 
     finally:
         for handle in handles:
             handle.remove()
-    batches = len(runner.batches)
-    assert calls[0] == batches  # the baseline only: every other setting started later
-    assert calls[1] == batches and calls[2] == 2 * batches and calls[last] == 4 * batches
+    widths = [int(runner.encoded(n)["input_ids"].shape[1]) for n in range(len(runner.batches))]
+    shortened = [w - last_tokens(n) for n, w in enumerate(widths)]
+    # Per batch: the baseline; the layer-0 cut, from the last tokens on; the gains from layer 2; the rest.
+    assert seen[0] == [x for n, w in enumerate(widths) for x in (w, shortened[n])]
+    assert seen[1] == seen[0]
+    assert seen[2] == [x for n, w in enumerate(widths) for x in (w, w, shortened[n])]
+    assert seen[last] == [x for n, w in enumerate(widths) for x in (w, w, w, w, shortened[n], shortened[n])]
     started = runner.score_many(settings)
     for setting, scored in zip(settings, started, strict=True):
         whole = runner.score_many([Setting(setting.gains, setting.intervention)])[0]
-        torch.testing.assert_close(scored.metric, whole.metric, atol=1e-6, rtol=0)
+        torch.testing.assert_close(scored.metric, whole.metric, atol=1e-5, rtol=0)
         assert scored.follows.tolist() == whole.follows.tolist()
-    assert not torch.allclose(started[1].metric, started[0].metric, atol=1e-3)
-    assert not torch.allclose(started[3].metric, started[0].metric, atol=1e-3)
+    for changed in (1, 3, 5):
+        assert not torch.allclose(started[changed].metric, started[0].metric, atol=1e-3)
 
 
 def test_head_contributions_sum_to_attention_output(tiny_llava):

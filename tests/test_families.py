@@ -192,3 +192,44 @@ def test_analyze_writes_a_valid_profile(family_model, family_data, tmp_path):
     assert profile.model.shape() == geometry.shape() and profile.model.architecture == family.architecture
     for mode in ("image", "text"):
         assert profile.heads(mode) and all(geometry.has_heads(layer) for layer, _ in profile.heads(mode))
+
+
+def test_shortened_passes_equal_whole_passes(family_model, family_data, monkeypatch):
+    """The analysis' shortened passes (from the first changed layer, from the first changed position
+    against the KV cache) give every family the same knockout and exact-ablation figures as whole passes,
+    whichever of them the family's cache and rotary embeddings allow."""
+    from dataclasses import replace
+
+    from steer_server.analysis.ablation import gain_table
+    from steer_server.analysis.knockout import knockout
+    from steer_server.analysis.metric import BASELINE, Runner, Setting
+    from steer_server.data.schema import load_samples
+
+    family, model_dir = family_model
+    loaded = load_model(model_dir)
+    geometry = geometry_of(loaded.model.config)
+    conflicts = [s for s in load_samples(family_data["test"]) if s.sample.kind == "conflict"][:6]
+    ablations = [BASELINE] + [
+        Setting.of_gains(gain_table(geometry, [(layer, 0)], 0.0)) for layer in geometry.layers
+    ]
+
+    def run() -> tuple[dict[str, Any], list[list[float]]]:
+        runner = Runner(loaded, conflicts, batch_size=3)
+        flow = knockout(runner, geometry, 1, progress=False)
+        return flow, [s.metric.tolist() for s in runner.score_many(ablations, answers=False)]
+
+    shortened = run()
+    whole_pass = Runner.score_many
+
+    def whole(self, settings, *args, **kwargs):  # type: ignore[no-untyped-def]
+        plain = [replace(s, first_layer=0, first_position=None) for s in settings]
+        return whole_pass(self, plain, *args, **kwargs)
+
+    monkeypatch.setattr(Runner, "score_many", whole)
+    reference = run()
+    assert shortened[0]["edges"].keys() == reference[0]["edges"].keys()
+    for edge, figures in reference[0]["edges"].items():
+        assert figures["mf_ratio"] == shortened[0]["edges"][edge]["mf_ratio"], (family.name, edge)
+        assert figures["delta_metric"] == pytest.approx(shortened[0]["edges"][edge]["delta_metric"], abs=1e-5)
+    for got, want in zip(shortened[1], reference[1], strict=True):
+        assert got == pytest.approx(want, abs=1e-5), family.name

@@ -126,7 +126,8 @@ def knockout(runner: Runner, geometry: ModelGeometry, window: int, progress: boo
     """Effect of cutting attention source → target (every edge of :data:`KNOCKOUT_EDGES`) over each
     window of `window` consecutive layers: the mean change of the metric and the MF ratio, per window's
     first layer. Each cut's pass starts at its window's first layer from the uncut pass' residual stream
-    (nothing below the window changes)."""
+    (nothing below the window changes) and, where the model's KV cache allows, at the target group's first
+    position (nothing before it changes)."""
 
     def mf(follows: torch.Tensor) -> float | None:
         return mf_ratio_of([s.sample for s in runner.samples], follows.tolist())
@@ -149,7 +150,12 @@ def knockout(runner: Runner, geometry: ModelGeometry, window: int, progress: boo
             blocked = groups[number][target][:, :, None] & groups[number][source][:, None, :]
             return knockout_attention(runner.loaded.model, layers, blocked)
 
-        return Setting(intervention=active, first_layer=first)
+        def first_position(number: int) -> int:
+            # Only the target's queries are cut: no earlier position changes.
+            rows = groups[number][target].any(dim=0).nonzero()
+            return int(rows[0]) if len(rows) else 0
+
+        return Setting(intervention=active, first_layer=first, first_position=first_position)
 
     cuts = [(source, target, first) for source, target in KNOCKOUT_EDGES for first in starts]
     base, *scored = runner.score_many(

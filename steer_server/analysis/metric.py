@@ -16,10 +16,20 @@ from typing import Any
 
 import torch
 
+from ..architectures import image_token_id
 from ..data.schema import LoadedSample
 from ..data.scoring import is_success
-from ..hf.hooks import capture_resid_pre, scale_heads, start_at_layer
-from ..hf.model import LoadedModel, answer_budget, encode, greedy_decode, last_position_logits
+from ..hf.hooks import ResidualCapture, capture_resid_pre, scale_heads, start_at_layer
+from ..hf.model import (
+    LoadedModel,
+    answer_budget,
+    at_last_position,
+    encode,
+    greedy_decode,
+    last_position_logits,
+    prompt_cache,
+    suffix_last_logits,
+)
 from .config import AnalysisError
 
 
@@ -103,13 +113,17 @@ Intervention = Callable[[int], AbstractContextManager[Any]]
 
 @dataclass(frozen=True)
 class Setting:
-    """What one scored pass runs under: head gains [L, H] (None: none), an intervention (None: none), and
-    the first decoder layer either changes (0: unknown or the first; later layers let the pass start from
-    the unintervened pass' residual stream there, :func:`~steer_server.hf.hooks.start_at_layer`)."""
+    """What one scored pass runs under: head gains [L, H] (None: none), an intervention (None: none), the
+    first decoder layer either changes (0: unknown or the first; a later one lets the pass start from the
+    unintervened pass' residual stream there, :func:`~steer_server.hf.hooks.start_at_layer`), and, per
+    batch number, the first position it changes (None: unknown or the first; a later one lets the pass
+    run the positions from there only, against the unintervened pass' KV cache,
+    :func:`~steer_server.hf.model.suffix_last_logits`)."""
 
     gains: torch.Tensor | None = None
     intervention: Intervention | None = None
     first_layer: int = 0
+    first_position: Callable[[int], int] | None = None
 
     @classmethod
     def of_gains(cls, gains: torch.Tensor) -> Setting:
@@ -180,6 +194,18 @@ class Runner:
             logits, [self.tokens.instructed[i] for i in rows], [self.tokens.competing[i] for i in rows]
         )
 
+    def _suffix_start(self, setting: Setting, batch: int) -> int:
+        """Where the setting's pass over batch number `batch` may start (0: at the first position): its
+        first changed position, when every row's last real token lies at or after it and no image token
+        does (image inputs are not rerun)."""
+        if setting.first_position is None:
+            return 0
+        position = setting.first_position(batch)
+        encoded = self.encoded(batch)
+        shortest = int(encoded["attention_mask"].sum(dim=1).min())
+        images = encoded["input_ids"][:, position:] == image_token_id(self.loaded.model.config)
+        return position if 0 < position < shortest and not bool(images.any()) else 0
+
     def score(
         self,
         gains: torch.Tensor | None = None,
@@ -199,7 +225,9 @@ class Runner:
     ) -> list[Scored]:
         """Score every sample (or only `indices`; results in sample order) under each setting, batch by
         batch. With :data:`BASELINE` among the settings, its pass keeps the residual stream at every later
-        setting's first layer and those start there (exact, :func:`~steer_server.hf.hooks.start_at_layer`).
+        setting's first layer and those start there (exact, :func:`~steer_server.hf.hooks.start_at_layer`);
+        a setting with a first changed position also runs only the positions from there, against the
+        baseline pass' KV cache, where the model's cache keeps every position (:func:`prompt_cache`).
         Only the first answer token's forward is shortened; further greedy steps (when `answers` and the
         answer budget is over 1 token) rerun the whole sequence. `answers=False` scores the metric only:
         `follows` is then empty, and no answer is decoded past its first token. `progress`: a progress
@@ -209,6 +237,7 @@ class Runner:
         wanted = set(range(len(self.samples))) if indices is None else set(indices)
         starts = sorted({s.first_layer for s in settings if s.first_layer > 0})
         reuse = any(s.is_baseline for s in settings)
+        suffixes = reuse and any(s.first_position is not None for s in settings)
         per_setting: list[dict[int, tuple[float, bool]]] = [{} for _ in settings]
         model = self.loaded.model
         todo = [(n, members) for n, members in enumerate(self.batches) if wanted.intersection(members)]
@@ -218,16 +247,24 @@ class Runner:
             batch = self.encoded(number)
             with torch.inference_mode():
                 baseline: torch.Tensor | None = None
-                resid: dict[int, torch.Tensor] = {}
+                captured, cache = ResidualCapture(), None
                 if reuse:
-                    with capture_resid_pre(model, starts) as resid:
-                        baseline = last_position_logits(self.loaded, batch)
+                    with capture_resid_pre(model, starts) as captured:
+                        outputs = model(**batch, use_cache=suffixes)
+                    baseline = at_last_position(outputs.logits, batch["attention_mask"])
+                    cache = prompt_cache(outputs) if suffixes else None
+                    del outputs
                 for setting, results in zip(settings, per_setting, strict=True):
+                    position = self._suffix_start(setting, number) if cache is not None else 0
                     with setting.active(model, number):
                         if setting.is_baseline and baseline is not None:
                             first = baseline
-                        elif setting.first_layer in resid:
-                            with start_at_layer(model, setting.first_layer, resid[setting.first_layer]):
+                        elif position > 0:
+                            layer = setting.first_layer
+                            with start_at_layer(model, layer, captured, from_position=position):
+                                first = suffix_last_logits(self.loaded, batch, cache, position)
+                        elif setting.first_layer in captured.resid_pre:
+                            with start_at_layer(model, setting.first_layer, captured):
                                 first = last_position_logits(self.loaded, batch)
                         else:
                             first = last_position_logits(self.loaded, batch)

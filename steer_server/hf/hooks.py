@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -125,7 +126,9 @@ def knockout_attention(model: Any, layers: set[int], blocked: torch.Tensor) -> I
             if not isinstance(hidden, torch.Tensor):
                 raise RuntimeError(f"layer {layer}: the attention module got no hidden_states tensor")
             mask = kwargs["attention_mask"]
-            kwargs["attention_mask"] = _with_cut(mask, blocked, hidden, model)
+            past = kwargs.get("past_key_values")  # positions before the hidden states', when cached
+            cached = past.get_seq_length(getattr(module, "layer_idx", 0)) if past is not None else 0
+            kwargs["attention_mask"] = _with_cut(mask, blocked, hidden, model, cached)
             return args, kwargs
 
         return cut
@@ -134,14 +137,16 @@ def knockout_attention(model: Any, layers: set[int], blocked: torch.Tensor) -> I
         yield
 
 
-def _with_cut(mask: Any, blocked: torch.Tensor, hidden: torch.Tensor, model: Any) -> torch.Tensor:
+def _with_cut(
+    mask: Any, blocked: torch.Tensor, hidden: torch.Tensor, model: Any, cached: int = 0
+) -> torch.Tensor:
     batch, q_len = hidden.shape[0], hidden.shape[1]
     device = hidden.device
     if isinstance(mask, torch.Tensor):
         k_len = mask.shape[-1]
         allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
     else:
-        k_len = q_len
+        k_len = q_len + cached
         allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
         allowed = allowed.expand(batch, q_len, k_len)
     cut = torch.zeros(batch, q_len, k_len, dtype=torch.bool, device=device)
@@ -227,24 +232,33 @@ def _hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any], where: str) ->
     return hidden
 
 
+@dataclass
+class ResidualCapture:
+    """What :func:`capture_resid_pre` kept of one forward: ``hook_resid_pre`` of the chosen layers
+    ([batch, positions, hidden] each, detached) and each decoder layer's `position_embeddings` argument
+    (the rotary cos/sin its attention reads, positions on dim -2; absent for models whose layers compute
+    their own)."""
+
+    resid_pre: dict[int, torch.Tensor] = field(default_factory=dict)
+    rotary: dict[int, Any] = field(default_factory=dict)
+
+
 @contextmanager
-def capture_resid_pre(model: Any, layers: Collection[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Keep ``hook_resid_pre`` (the decoder layer's input, [batch, positions, hidden], detached) of each of
-    `layers` from the forward run inside the block, for :func:`start_at_layer`; the dict holds `layers` once the
-    forward has passed them.
+def capture_resid_pre(model: Any, layers: Collection[int]) -> Iterator[ResidualCapture]:
+    """Keep :class:`ResidualCapture` of the forward run inside the block, for :func:`start_at_layer`.
 
     Raises:
         RuntimeError: a hooked layer got no hidden-states tensor.
     """
     modules = residual_modules(model).layers
-    kept: dict[int, torch.Tensor] = {}
+    kept = ResidualCapture()
 
     def make(layer: int) -> Any:
-        if layer not in layers:
-            return None
-
         def keep(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            kept[layer] = _hidden_states(args, kwargs, f"resid_pre[{layer}]").detach()
+            if layer in layers:
+                kept.resid_pre[layer] = _hidden_states(args, kwargs, f"resid_pre[{layer}]").detach()
+            if kwargs.get("position_embeddings") is not None:
+                kept.rotary[layer] = kwargs["position_embeddings"]
 
         return keep
 
@@ -252,28 +266,44 @@ def capture_resid_pre(model: Any, layers: Collection[int]) -> Iterator[dict[int,
         yield kept
 
 
-@contextmanager
-def start_at_layer(model: Any, layer: int, resid_pre: torch.Tensor) -> Iterator[None]:
-    """Run the forward inside the block from decoder layer `layer` on: the layers before it hand their
-    input on unchanged (their forward is not run) and layer `layer` reads `resid_pre` instead of its input.
+def _from_position(value: Any, position: int) -> Any:
+    """Positions `position` on (dim -2) of a rotary tensor or of each tensor of a tuple."""
+    if isinstance(value, torch.Tensor):
+        return value[..., position:, :]
+    return type(value)(_from_position(item, position) for item in value)
 
-    Exact when `resid_pre` is :func:`capture_resid_pre` of the same batch from a forward that differed
-    from this one only at layer `layer` and above (an intervention there cannot reach an earlier layer of
-    the same pass: decoder layers run in order). The embeddings, the vision tower, the masks and the
-    position embeddings are still computed (they are outside the decoder layers).
+
+@contextmanager
+def start_at_layer(
+    model: Any, layer: int, captured: ResidualCapture, *, from_position: int = 0
+) -> Iterator[None]:
+    """Run the forward inside the block from decoder layer `layer` on (TransformerLens's
+    ``start_at_layer``), and, with `from_position` > 0, for the positions from there only: the layers
+    before `layer` hand their input on unchanged (their forward is not run), layer `layer` reads the
+    captured ``hook_resid_pre`` instead of its input, and every layer from `layer` on reads the captured
+    rotary position embeddings of those positions.
+
+    Exact when `captured` comes from a forward of the same batch that differed from this one only at
+    layer `layer` and above (decoder layers run in order) and, with `from_position`, only at positions
+    `from_position` and after (a causal model's earlier positions never see later ones); the caller then
+    runs those positions alone against that forward's KV cache of the earlier ones
+    (:func:`steer_server.hf.model.suffix_last_logits`). The embeddings, the masks and, for a whole
+    sequence, the vision tower are still computed (they are outside the decoder layers).
 
     Args:
-        layer: the first decoder layer that runs, > 0.
-        resid_pre: [batch, positions, hidden], that layer's input.
+        layer: the first decoder layer that runs (0 only with `from_position` > 0).
+        captured: :func:`capture_resid_pre` of that forward, with `layer` among its layers (when > 0).
+        from_position: the first position this forward runs.
 
     Raises:
-        ValueError: `layer` is not a decoder layer after the first.
-        RuntimeError: layer `layer`'s input is not shaped like `resid_pre` (another batch); a skipped
-            layer got no hidden-states tensor.
+        ValueError: `layer` is not a decoder layer, or is the first one with no later position to start at.
+        RuntimeError: layer `layer`'s input is not shaped like the captured stream from `from_position`
+            (another batch); a skipped layer got no hidden-states tensor.
     """
     modules = residual_modules(model).layers
-    if layer not in modules or layer == min(modules):
-        raise ValueError(f"start_at_layer needs a decoder layer after the first, got {layer}")
+    if layer not in modules or (layer == min(modules) and from_position <= 0):
+        raise ValueError(f"start_at_layer needs a later decoder layer or position, got layer {layer}")
+    resid_pre = captured.resid_pre[layer][:, from_position:] if layer > min(modules) else None
 
     def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
         # transformers 5's decoder layers return the hidden states (a tensor), as this does.
@@ -281,6 +311,7 @@ def start_at_layer(model: Any, layer: int, resid_pre: torch.Tensor) -> Iterator[
 
     def resume(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         hidden = _hidden_states(args, kwargs, f"resid_pre[{layer}]")
+        assert resid_pre is not None
         if hidden.shape != resid_pre.shape:
             raise RuntimeError(
                 f"start_at_layer({layer}): the layer's input is {tuple(hidden.shape)}, the kept residual "
@@ -291,10 +322,23 @@ def start_at_layer(model: Any, layer: int, resid_pre: torch.Tensor) -> Iterator[
             return args, {**kwargs, "hidden_states": replaced}
         return (replaced, *args[1:]), kwargs
 
-    skipped = [module for index, module in modules.items() if index < layer]
+    def rotary(index: int) -> Any:
+        def replace(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            return args, {
+                **kwargs,
+                "position_embeddings": _from_position(captured.rotary[index], from_position),
+            }
+
+        return replace
+
     with ExitStack() as stack:
-        for module in skipped:
-            module.forward = passthrough
-            stack.callback(vars(module).pop, "forward", None)
-        stack.callback(modules[layer].register_forward_pre_hook(resume, with_kwargs=True).remove)
+        for index, module in modules.items():
+            if index < layer:
+                module.forward = passthrough
+                stack.callback(vars(module).pop, "forward", None)
+            elif from_position > 0 and index in captured.rotary:
+                stack.callback(module.register_forward_pre_hook(rotary(index), with_kwargs=True).remove)
+        if resid_pre is not None:
+            handle = modules[layer].register_forward_pre_hook(resume, with_kwargs=True)
+            stack.callback(handle.remove)
         yield

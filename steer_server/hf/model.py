@@ -120,9 +120,56 @@ def encode(
 
 def last_position_logits(loaded: LoadedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[B, vocab] float32 logits at each prompt's last real token: the first answer token's distribution."""
-    logits = loaded.model(**batch, use_cache=False).logits
-    last = batch["attention_mask"].sum(dim=1) - 1
+    return at_last_position(loaded.model(**batch, use_cache=False).logits, batch["attention_mask"])
+
+
+def at_last_position(logits: torch.Tensor, mask: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """[B, vocab] float32 rows of logits [B, S - first, vocab] (positions `first` on) at each row's last
+    real token (attention mask [B, S], right padding)."""
+    last = mask.sum(dim=1) - 1 - first
     return logits[torch.arange(logits.shape[0], device=logits.device), last].float()
+
+
+def prompt_cache(outputs: Any) -> Any | None:
+    """The KV cache a forward returned (``use_cache=True``) when :func:`suffix_last_logits` can reuse it:
+    every layer a plain :class:`transformers.DynamicLayer`, which keeps every position (sliding-window
+    and linear-attention layers keep a window or a running state instead); else None."""
+    from transformers.cache_utils import DynamicLayer
+
+    cache = getattr(outputs, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    return cache
+
+
+def suffix_last_logits(
+    loaded: LoadedModel, batch: dict[str, torch.Tensor], cache: Any, position: int
+) -> torch.Tensor:
+    """[B, vocab] float32 logits at each prompt's last real token from a forward of positions
+    `position` on only, the earlier ones read from `cache` (:func:`prompt_cache` of a forward of the
+    same batch; not modified). Per-token inputs are cut to those positions and image inputs left out, so
+    the positions must hold no image token and each row's last real token must be among them. Position
+    ids are the column index (right padding keeps each row's own); a model whose layers take rotary
+    embeddings gets exact ones from :func:`~steer_server.hf.hooks.start_at_layer`.
+    """
+    import copy
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    size = ids.shape[1]
+    inputs = {
+        key: value[:, position:]
+        for key, value in batch.items()
+        if isinstance(value, torch.Tensor) and value.shape == ids.shape and key != "attention_mask"
+    }
+    past = copy.copy(cache)
+    past.layers = [copy.copy(layer) for layer in cache.layers]  # cropping re-slices; the tensors stay shared
+    past.crop(position - size)
+    positions = torch.arange(position, size, device=ids.device).expand(ids.shape[0], -1)
+    logits = loaded.model(
+        **inputs, attention_mask=mask, past_key_values=past, position_ids=positions, use_cache=True
+    ).logits
+    return at_last_position(logits, mask, position)
 
 
 # Longest answer a greedy decode reads, in tokens (answers are "a single word or phrase").
