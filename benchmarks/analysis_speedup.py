@@ -2,13 +2,13 @@
 whether the profile is the same.
 
     python benchmarks/analysis_speedup.py --baseline REF [--sizes bench,large] [--repeats 3]
-                                          [--workdir DIR] [--json OUT]
+                                          [--settings reduced|defaults] [--limit 8] [--workdir DIR] [--json OUT]
 
 The baseline is the project at git revision REF, checked out as a worktree under ``--workdir`` and run
 with this checkout's virtual environment (``PYTHONPATH``); "current" is this checkout. Models and data
 are those of `analysis_scaling.py` (the synthetic generator's validation split selects, its test split
-reports, ``--limit`` samples each, the same reduced settings; canaries off, as they are measured from
-another load of the model). Per size, the two versions run alternately (the order flips every repeat) in
+reports, ``--limit`` samples each) at its reduced settings (``--settings reduced``) or at the analysis'
+defaults (``--settings defaults``); canaries off, as they are measured from another load of the model. Per size, the two versions run alternately (the order flips every repeat) in
 fresh processes; the analysis' own time (the profile's ``provenance.seconds``, from model load to the
 end) of each pair gives a ratio, and the ratios' geometric mean gets a 95% t interval over the repeats.
 
@@ -32,9 +32,11 @@ from typing import Any
 from analysis_scaling import DEFAULT_WORKDIR, REPO, size_of
 from bench_model import SIZES, build_model, command_line, lm_parameters, progress, save_report
 
-# The settings of analysis_scaling.py's measured runs.
-SETTINGS = ["--limit", "8", "--top-frac", "0.01", "--random-draws", "2", "--knockout-samples", "4"]
-SETTINGS += ["--batch-size", "8", "--canaries", "0"]
+# The settings of analysis_scaling.py's measured runs, and the analysis' defaults.
+SETTINGS = {
+    "reduced": ["--top-frac", "0.01", "--random-draws", "2", "--knockout-samples", "4", "--batch-size", "8"],
+    "defaults": [],
+}
 TIMING_KEYS = ("seconds", "samples_per_second", "tool", "model_dir")
 
 # Runs inside a version's checkout: its own cost model, at the run's settings and at the defaults.
@@ -46,9 +48,11 @@ sys.path.insert(0, "benchmarks")
 import analysis_scaling as a
 from steer_server.analysis.config import AnalysisConfig
 model, selection, report, profile = (Path(p) for p in sys.argv[1:5])
-shape = a.data_shape(model, selection, report, 8)
-run = AnalysisConfig(top_frac=0.01, batch_size=8, limit=8, random_draws=2, knockout_samples=4, progress=False)
-defaults = replace(AnalysisConfig(), limit=8)
+limit, reduced = int(sys.argv[5]), sys.argv[6] == "reduced"
+shape = a.data_shape(model, selection, report, limit)
+defaults = replace(AnalysisConfig(), limit=limit)
+small = dict(top_frac=0.01, batch_size=8, random_draws=2, knockout_samples=4)
+run = replace(defaults, **small) if reduced else defaults
 if hasattr(a, "HeadLayers"):
     heads = a.HeadLayers.from_profile(json.loads(profile.read_text()))
     counts = [a.forward_equivalents(run, shape, heads), a.forward_equivalents(defaults, shape)]
@@ -74,11 +78,11 @@ def worktree(ref: str, workdir: Path) -> Path:
     return path
 
 
-def analyse(source: Path, model_dir: Path, data: Path, out: Path) -> dict[str, Any]:
-    """Run `modality-steer analyze` from the checkout `source`; returns the profile."""
+def analyse(source: Path, model_dir: Path, data: Path, out: Path, flags: list[str]) -> dict[str, Any]:
+    """Run `modality-steer analyze` with `flags` from the checkout `source`; returns the profile."""
     command = [sys.executable, "-m", "steer_server.cli", "analyze", str(model_dir)]
     command += ["--data", str(data / "validation.jsonl"), "--eval-data", str(data / "test.jsonl")]
-    command += ["--out", str(out), "--no-resume", *SETTINGS]
+    command += ["--out", str(out), "--no-resume", "--canaries", "0", *flags]
     env = {**os.environ, "PYTHONPATH": str(source), "TQDM_DISABLE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=source, check=False)
     if done.returncode != 0:
@@ -86,10 +90,13 @@ def analyse(source: Path, model_dir: Path, data: Path, out: Path) -> dict[str, A
     return json.loads(out.read_text())
 
 
-def counts(source: Path, model_dir: Path, data: Path, profile: Path) -> list[dict[str, float]]:
+def counts(
+    source: Path, model_dir: Path, data: Path, profile: Path, limit: int, settings: str
+) -> list[dict[str, float]]:
     """Forward-equivalents per conflict by `source`'s own cost model: [at the run's settings, at the
     defaults], each ``{"F": ..., "B": ...}``."""
     arguments = [str(model_dir), str(data / "validation.jsonl"), str(data / "test.jsonl"), str(profile)]
+    arguments += [str(limit), settings]
     env = {**os.environ, "PYTHONPATH": str(source)}
     done = subprocess.run(
         [sys.executable, "-c", COUNT, *arguments],
@@ -149,6 +156,10 @@ def main() -> int:
     parser.add_argument("--sizes", default="bench,large", help="comma-separated: toy, bench, large")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each version per size")
     parser.add_argument(
+        "--settings", choices=sorted(SETTINGS), default="reduced", help="the analysis' settings"
+    )
+    parser.add_argument("--limit", type=int, default=8, help="samples per data file (controls included)")
+    parser.add_argument(
         "--workdir", type=Path, default=DEFAULT_WORKDIR, help="models, data, the baseline's checkout"
     )
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -175,12 +186,20 @@ def main() -> int:
             order = ["baseline", "current"] if repeat % 2 == 0 else ["current", "baseline"]
             for version in order:
                 out = folder / f"{name}.{version}.json"
-                profiles[version] = analyse(versions[version], model_dir, folder / "data", out)
+                flags = ["--limit", str(args.limit), *SETTINGS[args.settings]]
+                profiles[version] = analyse(versions[version], model_dir, folder / "data", out, flags)
                 seconds[version].append(float(profiles[version]["provenance"]["seconds"]))
                 progress(f"{name} {version} #{repeat + 1}: {seconds[version][-1]:.1f} s")
         worst, other = difference(profiles["baseline"], profiles["current"])
         cost = {
-            version: counts(source, model_dir, folder / "data", folder / f"{name}.{version}.json")
+            version: counts(
+                source,
+                model_dir,
+                folder / "data",
+                folder / f"{name}.{version}.json",
+                args.limit,
+                args.settings,
+            )
             for version, source in versions.items()
         }
         ratio = ratio_interval([b / c for b, c in zip(seconds["baseline"], seconds["current"], strict=True)])
@@ -205,7 +224,7 @@ def main() -> int:
     report = {
         "command": command_line(),
         "baseline": args.baseline,
-        "settings": SETTINGS,
+        "settings": ["--limit", str(args.limit), *SETTINGS[args.settings], "--canaries", "0"],
         "repeats": args.repeats,
         "sizes": results,
     }

@@ -8,7 +8,8 @@ Reads, where present (a missing file leaves its section saying so):
 - ``engine_ab.json``     `throughput.py --part ab` (engines side by side, A/A arm);
 - ``bench_serve.json``   `bench_serve.py` (`vllm bench serve` against the toy server);
 - ``analysis_scaling.json`` `analysis_scaling.py`;
-- ``analysis_speedup.json`` `analysis_speedup.py` (the analysis before and after a change);
+- ``analysis_speedup.json``, ``analysis_speedup_defaults.json`` `analysis_speedup.py` (the analysis before and
+  after a change, at the reduced settings and at the defaults);
 - ``kernel_bench.json``  `kernel_bench.py` on a CUDA GPU (its GPU section), ``kernel_bench_cpu.json`` on CPU;
 - ``load.json``          the load test of `make bench`.
 
@@ -341,8 +342,8 @@ def section_analysis(scaling: dict[str, Any] | None) -> list[str]:
     return [*out, ""]
 
 
-def section_speedup(speedup: dict[str, Any] | None) -> list[str]:
-    out = ["### Before and after, side by side (`analysis_speedup.py`)", ""]
+def section_speedup(speedup: dict[str, Any] | None, which: str = "at the reduced settings") -> list[str]:
+    out = [f"### Before and after, side by side, {which} (`analysis_speedup.py`)", ""]
     if speedup is None:
         return [*out, "Not measured (no `analysis_speedup.json`).", ""]
     out += [
@@ -533,6 +534,7 @@ def render(folder: Path) -> str:
         *section_serve(load(folder, "bench_serve.json")),
         *section_analysis(load(folder, "analysis_scaling.json")),
         *section_speedup(load(folder, "analysis_speedup.json")),
+        *section_speedup(load(folder, "analysis_speedup_defaults.json"), "at the analysis' defaults"),
         *section_kernel(gpu_kernel_runs(folder), load(folder, "kernel_bench_cpu.json"), folder),
         *section_load(load(folder, "load.json")),
     ]

@@ -153,7 +153,15 @@ def analyze(
         float, typer.Option(help="Without --eval-data: share of --data held out as the report split.")
     ] = 0.5,
     top_frac: Annotated[float, typer.Option(help="Share of all heads to select per mode, in (0, 1].")] = 0.05,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu or cuda: the whole model on one device.")] = "cpu",
+    device_map: Annotated[
+        str | None,
+        typer.Option(
+            help="Split the model across devices instead (accelerate): auto, balanced, balanced_low_0 or "
+            "sequential (the GPUs present, then the CPU, then disk), or a JSON file of module name -> device "
+            "(a GPU index, cpu or disk)."
+        ),
+    ] = None,
     dtype: Annotated[
         str,
         typer.Option(
@@ -161,7 +169,12 @@ def analyze(
             "sums and the logit lens stay float32)."
         ),
     ] = "float32",
-    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 32,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            help="Samples per forward pass; on a GPU the most: halved until the largest pass fits its memory."
+        ),
+    ] = 32,
     limit: Annotated[int | None, typer.Option(help="Use only the first N samples.")] = None,
     plots: Annotated[Path | None, typer.Option(help="Folder for the PNG plots.")] = None,
     knockout_samples: Annotated[int, typer.Option(help="Conflict samples for the attention knockout.")] = 128,
@@ -195,6 +208,7 @@ def analyze(
     config = AnalysisConfig(
         top_frac=top_frac,
         device=device,
+        device_map=device_map,
         dtype=dtype,
         batch_size=batch_size,
         limit=limit,

@@ -406,11 +406,42 @@ def bad_inputs(tmp_path, small_data):
         ),
         "top-frac 0": (small_data["test"], {"top_frac": 0.0}, "--top-frac must lie in (0, 1], got 0.0"),
         "top-frac 1.5": (small_data["test"], {"top_frac": 1.5}, "--top-frac must lie in (0, 1], got 1.5"),
+        "device map unknown": (
+            small_data["test"],
+            {"device_map": "everywhere"},
+            "--device-map must be one of auto, balanced, balanced_low_0, sequential or a JSON file",
+        ),
+        "device map not a mapping": (
+            small_data["test"],
+            {"device_map": str(_jsonl(tmp_path / "map.json", [["layers", 0]]))},
+            "expected a JSON object of module name -> GPU index",
+        ),
+        "device map bad device": (
+            small_data["test"],
+            {"device_map": str(_write(tmp_path / "map2.json", {"model": "tpu"}))},
+            "expected a JSON object of module name -> GPU index",
+        ),
     }
 
 
+def _write(path, payload):
+    path.write_text(json.dumps(payload))
+    return path
+
+
 @pytest.mark.parametrize(
-    "case", ["missing field", "missing image", "empty", "no conflicts", "top-frac 0", "top-frac 1.5"]
+    "case",
+    [
+        "missing field",
+        "missing image",
+        "empty",
+        "no conflicts",
+        "top-frac 0",
+        "top-frac 1.5",
+        "device map unknown",
+        "device map not a mapping",
+        "device map bad device",
+    ],
 )
 def test_bad_input_is_refused(bad_inputs, tiny_llava, case):
     path, options, needle = bad_inputs[case]
@@ -801,3 +832,108 @@ def test_a_run_killed_after_a_stage_resumes_to_the_same_profile(
     with pytest.warns(UserWarning, match="left by another run"):
         other = analyze(tiny_llava, data, replace(config, seed=1), eval_data=report, checkpoint=folder)
     assert other.profile.model_extra["provenance"]["seconds"] > 0
+
+
+def _split_map(model) -> dict[str, str]:
+    """accelerate's device map of a LLaVA: every top-level module on the CPU but the second half of the
+    decoder layers, offloaded to disk (their weights are brought in by accelerate's hooks per forward,
+    the code path of a model split across GPUs)."""
+    from steer_server.architectures import residual_modules
+
+    layers = residual_modules(model).layers
+    names = {module: name for name, module in model.named_modules()}
+    placement = {}
+    for name, child in model.model.named_children():
+        if name != "language_model":
+            placement[f"model.{name}"] = "cpu"
+            continue
+        for inner in dict(child.named_children()):
+            if inner != "layers":
+                placement[f"model.language_model.{inner}"] = "cpu"
+    for index, layer in layers.items():
+        placement[names[layer]] = "disk" if index >= len(layers) // 2 else "cpu"
+    placement["lm_head"] = "cpu"
+    return placement
+
+
+def test_a_model_split_across_devices_gives_the_same_analysis(small_data, tmp_path):
+    """`--device-map`: the toy split by accelerate (half its decoder layers offloaded to disk, moved in by
+    accelerate's hooks per forward) gives the same profile, knockout and logit lens as the model on one
+    device, the analysis' shortened passes and bfloat16 canaries included."""
+    model_dir = toy_model_dir()
+    placement = _write(tmp_path / "device_map.json", _split_map(load_model(model_dir).model))
+    config = AnalysisConfig(progress=False, limit=60, knockout_samples=6, random_draws=1, batch_size=16)
+    data, held_out = small_data["validation"], small_data["test"]
+    whole = analyze(model_dir, data, config, eval_data=held_out)
+    split = analyze(model_dir, data, replace(config, device_map=str(placement)), eval_data=held_out)
+    provenance = split.profile.model_extra["provenance"]
+    assert sorted(set(provenance["device_map"].values())) == ["cpu", "disk"]
+    assert whole.profile.model_extra["provenance"]["device_map"] is None
+    got, want = _without_timing(split.profile), _without_timing(whole.profile)
+    got_canaries, want_canaries = got.pop("canaries"), want.pop("canaries")
+    assert got == want | {"provenance": {**want["provenance"], "device_map": provenance["device_map"]}}
+    assert split.knockout == whole.knockout and split.logit_lens == whole.logit_lens
+    # Offloaded weights cannot be converted in place: the bfloat16 canary figures come from the checkpoint
+    # loaded again in bfloat16 (whose rotary frequencies stay float32), within the canaries' tolerance.
+    tolerance = min(got_canaries["tolerance"], want_canaries["tolerance"])
+    for mine, theirs in zip(got_canaries["samples"], want_canaries["samples"], strict=True):
+        assert mine["id"] == theirs["id"] and mine["recorded"] == theirs["recorded"]
+        for name, value in mine["recorded_bf16"].items():
+            assert value == pytest.approx(theirs["recorded_bf16"][name], abs=tolerance)
+
+
+def test_the_batch_size_is_halved_until_the_attribution_fits(tiny_llava, small_data, monkeypatch):
+    """On a GPU the analysis runs the largest batch, up to --batch-size, whose attribution pass fits: here
+    an accelerator that runs out of memory above 4 samples."""
+    import steer_server.analysis.attribution as attribution_module
+
+    loaded = load_model(tiny_llava)
+    samples = load_samples(small_data["train"])
+    assert len(samples) >= 32
+    real = attribution_module.last_position_logits
+    tried = []
+
+    def limited(loaded, batch):
+        tried.append(len(batch["input_ids"]))
+        if len(batch["input_ids"]) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(loaded, batch)
+
+    monkeypatch.setattr(attribution_module, "last_position_logits", limited)
+    assert attribution_module.fit_batch_size(loaded, samples, 32) == 4
+    assert tried == [32, 16, 8, 4]
+    monkeypatch.setattr(
+        attribution_module, "last_position_logits", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError())
+    )
+    with pytest.raises(AnalysisError, match="a single sample does not fit"):
+        attribution_module.fit_batch_size(loaded, samples, 3)
+
+
+def test_start_at_layer_puts_back_accelerates_forwards(tiny_llava, small_data):
+    """accelerate keeps its device-map hooks in a module's own `forward` (`add_hook_to_module`): the layers
+    a shortened pass skips get that forward back, and it still runs."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    from steer_server.analysis.metric import BASELINE, Setting
+    from steer_server.architectures import residual_modules
+
+    class Counting(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counting.calls += 1
+            return args, kwargs
+
+    loaded = load_model(tiny_llava)
+    geometry = geometry_of(loaded.model.config)
+    layers = residual_modules(loaded.model).layers
+    for layer in layers.values():
+        add_hook_to_module(layer, Counting())
+    hooked = {index: vars(layer)["forward"] for index, layer in layers.items()}
+    runner = Runner(loaded, load_samples(small_data["test"])[:4], batch_size=4)
+    last = geometry.num_layers - 1
+    runner.score_many([BASELINE, Setting.of_gains(gain_table(geometry, [(last, 0)], 0.0))], answers=False)
+    assert {index: vars(layer).get("forward") for index, layer in layers.items()} == hooked
+    before = Counting.calls
+    runner.score_many([BASELINE], answers=False)
+    assert Counting.calls - before == len(layers) * len(runner.batches)

@@ -4,15 +4,17 @@ sample), the first-order effect of zeroing a head."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from ..data.prompts import user_text
+from ..data.schema import LoadedSample
 from ..geometry import ModelGeometry
 from ..hf.hooks import capture_head_outputs
-from ..hf.model import last_position_logits
+from ..hf.model import LoadedModel, encode, last_position_logits
 from .config import AnalysisError
 from .metric import Runner
 
@@ -77,3 +79,35 @@ def attribution(runner: Runner, geometry: ModelGeometry, progress: bool) -> torc
                 product = (z.float() * z.grad.float()).unflatten(-1, (geometry.num_heads, geometry.head_dim))
                 scores[rows, layer] = product.sum(dim=(1, 3)).detach().cpu()
     return scores
+
+
+def fit_batch_size(loaded: LoadedModel, samples: Sequence[LoadedSample], cap: int) -> int:
+    """The largest batch size, `cap` halved until it fits, at which the attribution's pass (the analysis'
+    largest in memory: every layer's activations are kept for its backward) over the samples with the
+    longest prompts (images first, then by text length) runs without running out of accelerator memory
+    (`torch.OutOfMemoryError`).
+
+    Raises:
+        AnalysisError: not even one sample fits.
+    """
+    model = loaded.model
+    longest = sorted(
+        samples, key=lambda s: (s.image_path is not None, len(user_text(s.sample))), reverse=True
+    )
+    size = min(cap, len(longest))
+    while size >= 1:
+        try:
+            with (
+                _frozen_parameters(model),
+                _embeddings_as_leaf(model),
+                capture_head_outputs(model),
+                torch.enable_grad(),
+            ):
+                logits = last_position_logits(loaded, encode(loaded, longest[:size]))
+                logits.logsumexp(dim=-1).sum().backward()
+            return size
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size //= 2
+    raise AnalysisError("the attribution of a single sample does not fit the accelerator's memory")

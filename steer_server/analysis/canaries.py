@@ -15,12 +15,12 @@ effect fails the check by a wide margin.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from pathlib import Path
+from typing import Any
 
 from ..data.prompts import openai_messages
 from ..data.schema import LoadedSample
-from ..hf.model import LoadedModel
+from ..hf.model import LoadedModel, to_bfloat16
 from ..profile import CANARY_SETTINGS, Canary, CanarySet, Profile
 from ..spec import effective_gains, gains_matrix, parse_spec
 from .config import AnalysisError
@@ -58,9 +58,14 @@ def measure_canaries(
     report_conflicts: Sequence[LoadedSample],
     per_mode: int,
     batch_size: int,
+    *,
+    model_dir: Path | None = None,
+    device_map: str | dict[str, Any] | None = None,
 ) -> CanarySet:
-    """Choose and measure `per_mode` canaries per instruction from the report split's conflicts. Leaves
-    the model in bfloat16 (call it last).
+    """Choose and measure `per_mode` canaries per instruction from the report split's conflicts, in
+    float32 (the model as loaded) and bfloat16 (:func:`~steer_server.hf.model.to_bfloat16`: the model
+    converted in place, or loaded again from `model_dir` with `device_map` where accelerate offloaded
+    weights). Leaves the model in bfloat16 (call it last).
 
     Raises:
         NoCanaries: an instruction without a conflict whose own block effect clears the threshold (the
@@ -78,7 +83,7 @@ def measure_canaries(
             : 3 * per_mode
         ]
     fp32 = {name: [everything[name][i] for i in candidates] for name in CANARY_SETTINGS}
-    loaded.model.to(torch.bfloat16)
+    loaded = to_bfloat16(loaded, model_dir, device_map)
     bf16 = _measure(
         Runner(loaded, [report_conflicts[i] for i in candidates], batch_size), profile, range(len(candidates))
     )

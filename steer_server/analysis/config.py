@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 DEFAULT_GAINS = (1.5, 2.0, 3.0, 4.0, 6.0)
 # --dtype: the forward passes' precision. The metric, the attribution's products and sums, and the
@@ -21,9 +24,14 @@ class AnalysisConfig:
 
     Attributes:
         top_frac: share of all heads selected per mode, in (0, 1] (the paper selects about 5%).
-        device: "cpu" or "cuda".
+        device: "cpu" or "cuda" (a whole model on one device).
+        device_map: the model split across devices instead (``--device-map``): one of
+            :data:`~steer_server.hf.model.DEVICE_MAP_STRATEGIES` (accelerate places the modules on the GPUs
+            present, then the CPU, then disk) or a JSON file of module name -> device (a GPU index,
+            "cpu" or "disk"); None: `device`.
         dtype: the weights' and forward passes' dtype (:data:`DTYPES`); float32 by default.
-        batch_size: samples per forward pass.
+        batch_size: samples per forward pass; on a GPU, the most: the analysis halves it until its
+            largest pass fits (:func:`~steer_server.analysis.metric.fit_batch_size`).
         limit: use only the first N samples of each data file.
         gains: the amplification gains swept in the validation.
         random_draws: draws of as many random unselected heads for the control.
@@ -40,6 +48,7 @@ class AnalysisConfig:
 
     top_frac: float = 0.05
     device: str = "cpu"
+    device_map: str | None = None
     dtype: str = "float32"
     batch_size: int = 32
     limit: int | None = None
@@ -53,12 +62,40 @@ class AnalysisConfig:
     progress: bool = True
     canaries: int = 3
 
+    def placement(self) -> str | dict[str, Any] | None:
+        """`device_map` as transformers takes it (a strategy's name, or the JSON file's mapping).
+
+        Raises:
+            AnalysisError: neither a strategy nor a readable JSON object of module name -> device.
+        """
+        from ..hf.model import DEVICE_MAP_STRATEGIES
+
+        if self.device_map is None or self.device_map in DEVICE_MAP_STRATEGIES:
+            return self.device_map
+        try:
+            mapping = json.loads(Path(self.device_map).read_text())
+        except (OSError, ValueError) as exc:
+            raise AnalysisError(
+                f"--device-map must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON file of module name -> "
+                f"device, got {self.device_map!r} ({exc})"
+            ) from exc
+        if not isinstance(mapping, dict) or not all(
+            isinstance(k, str) and (isinstance(v, int) or v in ("cpu", "disk") or str(v).startswith("cuda"))
+            for k, v in mapping.items()
+        ):
+            raise AnalysisError(
+                f'--device-map {self.device_map}: expected a JSON object of module name -> GPU index, "cpu" or "disk"'
+            )
+        return mapping
+
     def check(self) -> None:
         """Raises:
         AnalysisError: a setting out of range (named by its CLI flag).
         """
         if not 0 < self.top_frac <= 1:
             raise AnalysisError(f"--top-frac must lie in (0, 1], got {self.top_frac}")
+        if self.device_map is not None:
+            self.placement()
         if self.dtype not in DTYPES:
             raise AnalysisError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.canaries < 0:

@@ -26,7 +26,7 @@ import random
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from ..geometry import ModelGeometry
 from ..hf.model import load_model
 from ..profile import MODES, PROFILE_FORMAT, CanarySet, Profile, model_fingerprint, save_profile
 from .ablation import ModeResult, rank_mode
-from .attribution import attribution
+from .attribution import attribution, fit_batch_size
 from .canaries import NoCanaries, measure_canaries
 from .checkpoint import Checkpoint
 from .config import AnalysisConfig, AnalysisError
@@ -203,9 +203,14 @@ def analyze(
         report_sha = data_digest(data_path)
     conflicts = _conflicts(samples, data_path)
     report_conflicts = _conflicts(report_samples, eval_data or data_path)
-    loaded = load_model(model_dir, device=config.device, dtype=config.dtype)
+    loaded = load_model(model_dir, device=config.device, dtype=config.dtype, device_map=config.placement())
     geometry = geometry_of(loaded.model.config)
     _check_heads(loaded.model, geometry)
+    if loaded.device.type == "cuda":
+        # The batch size is the most; what fits the GPU memory is measured (recorded in the provenance).
+        config = replace(
+            config, batch_size=fit_batch_size(loaded, [*conflicts, *report_samples], config.batch_size)
+        )
     k = max(1, round(config.top_frac * geometry.total_heads))
     stages = Checkpoint(checkpoint, run_key(model_dir, data_path, eval_data, config), STAGES, config.progress)
 
@@ -266,7 +271,9 @@ def analyze(
         "top_frac": config.top_frac,
         "heads_per_mode": k,
         "device": config.device,
+        "device_map": getattr(loaded.model, "hf_device_map", None),
         "dtype": config.dtype,
+        "batch_size": config.batch_size,
         "seconds": round(seconds, 1),
         "samples_per_second": round(len(conflicts) / seconds, 2),
     }
@@ -314,10 +321,19 @@ def _canaries(
     for them); this leaves the model in bfloat16, so it runs last."""
     if not config.canaries:
         return None
+    placement = config.placement()
     if config.dtype != "float32":
-        loaded = load_model(model_dir, device=config.device)
+        loaded = load_model(model_dir, device=config.device, device_map=placement)
     try:
-        return measure_canaries(loaded, profile, report_conflicts, config.canaries, config.batch_size)
+        return measure_canaries(
+            loaded,
+            profile,
+            report_conflicts,
+            config.canaries,
+            config.batch_size,
+            model_dir=model_dir,
+            device_map=placement,
+        )
     except NoCanaries as exc:
         return str(exc)
 

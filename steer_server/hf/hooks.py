@@ -266,6 +266,13 @@ def capture_resid_pre(model: Any, layers: Collection[int]) -> Iterator[ResidualC
         yield kept
 
 
+def _restore_forward(module: Any, previous: Any) -> None:
+    if previous is None:
+        vars(module).pop("forward", None)
+    else:
+        module.forward = previous
+
+
 def _from_position(value: Any, position: int) -> Any:
     """Positions `position` on (dim -2) of a rotary tensor or of each tensor of a tuple."""
     if isinstance(value, torch.Tensor):
@@ -334,8 +341,9 @@ def start_at_layer(
     with ExitStack() as stack:
         for index, module in modules.items():
             if index < layer:
+                # accelerate's device-map hooks live in the instance's own `forward`: put back what was there.
+                stack.callback(_restore_forward, module, vars(module).get("forward"))
                 module.forward = passthrough
-                stack.callback(vars(module).pop, "forward", None)
             elif from_position > 0 and index in captured.rotary:
                 stack.callback(module.register_forward_pre_hook(rotary(index), with_kwargs=True).remove)
         if resid_pre is not None:

@@ -30,9 +30,23 @@ class ModelLoadError(ValueError):
     """A checkpoint that does not load as its config describes it."""
 
 
-def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+# Ways to place a model across devices that accelerate computes itself (`from_pretrained(device_map=...)`).
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def load_model(
+    model_dir: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    device_map: str | dict[str, Any] | None = None,
+) -> LoadedModel:
     """Load model and processor in `dtype` (a `torch` dtype's name; float32 by default), eval mode, on
-    `device`.
+    `device`, or split across devices by `device_map` (one of :data:`DEVICE_MAP_STRATEGIES`, or module
+    name -> device as accelerate takes it: a GPU index, "cpu" or "disk"; transformers' and accelerate's own
+    placement, whose hooks move each module's inputs to its device). Weights placed on "disk" are kept in a
+    temporary folder removed at exit. Inputs go to `LoadedModel.device`: the first GPU of the map, else
+    the CPU.
 
     transformers re-initialises weights whose shapes disagree with the config and only warns; an analysis
     of such a model would be meaningless, so any missing or mismatched weight is an error here.
@@ -43,9 +57,22 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str = "floa
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(str(model_dir))
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        import atexit
+        import shutil
+        import tempfile
+
+        offload = tempfile.mkdtemp(prefix="modality-steer-offload-")
+        atexit.register(shutil.rmtree, offload, ignore_errors=True)
+        placement = {"device_map": device_map, "offload_folder": offload}
     # ignore_mismatched_sizes only defers the refusal to the check below, which names the weights.
     loaded: Any = AutoModelForImageTextToText.from_pretrained(
-        str(model_dir), dtype=getattr(torch, dtype), output_loading_info=True, ignore_mismatched_sizes=True
+        str(model_dir),
+        dtype=getattr(torch, dtype),
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,
+        **placement,
     )
     model, info = loaded
     problems = [
@@ -58,8 +85,33 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str = "floa
             f"{model_dir}: the checkpoint does not match its config ({len(problems)} weights): "
             + "; ".join(sorted(problems)[:4])
         )
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    else:
+        gpus = sorted(d for d in getattr(model, "hf_device_map", {}).values() if isinstance(d, int))
+        device = f"cuda:{gpus[0]}" if gpus else "cpu"
+    model.eval()
     return LoadedModel(model=model, processor=processor, device=torch.device(device))
+
+
+def to_bfloat16(
+    loaded: LoadedModel,
+    model_dir: str | Path | None = None,
+    device_map: str | dict[str, Any] | None = None,
+) -> LoadedModel:
+    """The model in bfloat16: converted in place, or, where accelerate offloaded weights (they sit on the
+    meta device between forwards and cannot be converted), loaded again from `model_dir` in bfloat16
+    with `device_map`.
+
+    Raises:
+        ValueError: offloaded weights and no `model_dir` to load again from.
+    """
+    if any(parameter.device.type == "meta" for parameter in loaded.model.parameters()):
+        if model_dir is None:
+            raise ValueError("the model's weights are offloaded: converting it to bfloat16 needs its folder")
+        return load_model(model_dir, dtype="bfloat16", device_map=device_map)
+    loaded.model.to(torch.bfloat16)
+    return loaded
 
 
 def load_image(path: Path | None) -> Any:
