@@ -113,9 +113,12 @@ def counts(
 
 def difference(before: Any, after: Any, path: str = "") -> tuple[float, list[str]]:
     """The largest difference of a number between two profiles and the paths of anything else that
-    differs (timings aside)."""
+    differs (timings and provenance fields only one of them records aside)."""
     if isinstance(before, dict) and isinstance(after, dict):
-        worst, other = 0.0, [f"{path}/{k}" for k in set(before) ^ set(after)]
+        # A provenance field one version has not (the placement and batch size are recorded since) is no
+        # difference in what the analysis found.
+        added = set(before) ^ set(after)
+        worst, other = 0.0, [] if path == "/provenance" else [f"{path}/{k}" for k in added]
         for key in set(before) & set(after):
             if path == "/provenance" and key in TIMING_KEYS:
                 continue
