@@ -118,7 +118,10 @@ def knockout_forwards(shape: DataShape, config: Any, windows: list[int], more: i
     in each batch, at the first position of the edge's target group (the shortest prompt's last token for
     ``last``), so it costs ``(L - window) / L x (width - position) / width`` F per sample, ``width`` the
     batch's longest prompt (the attention over the earlier positions' cached keys is not counted); plus
-    ``more`` whole forwards per sample for the further greedy answer tokens."""
+    ``more`` whole forwards per sample for the further greedy answer tokens. This assumes the position
+    shortcut, as the benchmark's LLaVAs take it; families whose cache keeps only a window or a state for
+    some layers (Gemma 3, Qwen3.5, Llama 4), and prompts with an image token after the cut position, run
+    the whole sequence from the window's layer."""
     from steer_server.analysis.knockout import KNOCKOUT_EDGES
     from steer_server.analysis.metric import group_batches
 

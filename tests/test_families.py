@@ -194,18 +194,28 @@ def test_analyze_writes_a_valid_profile(family_model, family_data, tmp_path):
         assert profile.heads(mode) and all(geometry.has_heads(layer) for layer, _ in profile.heads(mode))
 
 
+# Families whose KV cache keeps a window or a running state for some layers (sliding-window, chunked or
+# linear attention): their knockout cuts run the whole sequence; every other family's run the positions
+# from the cut group's first only.
+WHOLE_SEQUENCE_FAMILIES = {"Gemma 3", "Qwen3.5", "Llama 4"}
+
+
 def test_shortened_passes_equal_whole_passes(family_model, family_data, monkeypatch):
     """The analysis' shortened passes (from the first changed layer, from the first changed position
     against the KV cache) give every family the same knockout and exact-ablation figures as whole passes,
     whichever of them the family's cache and rotary embeddings allow."""
     from dataclasses import replace
 
+    import steer_server.analysis.metric as metric
     from steer_server.analysis.ablation import gain_table
     from steer_server.analysis.knockout import knockout
     from steer_server.analysis.metric import BASELINE, Runner, Setting
     from steer_server.data.schema import load_samples
 
     family, model_dir = family_model
+    suffixes = []
+    real_suffix = metric.suffix_last_logits
+    monkeypatch.setattr(metric, "suffix_last_logits", lambda *a: suffixes.append(a[-1]) or real_suffix(*a))
     loaded = load_model(model_dir)
     geometry = geometry_of(loaded.model.config)
     conflicts = [s for s in load_samples(family_data["test"]) if s.sample.kind == "conflict"][:6]
@@ -219,6 +229,7 @@ def test_shortened_passes_equal_whole_passes(family_model, family_data, monkeypa
         return flow, [s.metric.tolist() for s in runner.score_many(ablations, answers=False)]
 
     shortened = run()
+    assert bool(suffixes) == (family.name not in WHOLE_SEQUENCE_FAMILIES), family.name
     whole_pass = Runner.score_many
 
     def whole(self, settings, *args, **kwargs):  # type: ignore[no-untyped-def]

@@ -24,7 +24,7 @@ from ..hf.model import LoadedModel, to_bfloat16
 from ..profile import CANARY_SETTINGS, Canary, CanarySet, Profile
 from ..spec import effective_gains, gains_matrix, parse_spec
 from .config import AnalysisError
-from .metric import Runner
+from .metric import BASELINE, Runner, Setting
 
 # The tolerance is this many times the largest float32 / bfloat16 difference of a canary's figures (a
 # margin for serving kernels that round differently from transformers' bfloat16 path), and at least
@@ -37,15 +37,16 @@ EFFECT_OVER_TOLERANCE = 4.0
 
 
 def _measure(runner: Runner, profile: Profile, indices: Sequence[int]) -> dict[str, list[float]]:
-    """The metric of the samples `indices` under every canary setting (setting -> values, in order)."""
+    """The metric of the samples `indices` under every canary setting (setting -> values, in order), in
+    one pass over their batches (the first answer token only)."""
     geometry = profile.model
-    values = {}
-    for name, wire in CANARY_SETTINGS.items():
+    settings = []
+    for wire in CANARY_SETTINGS.values():
         spec = parse_spec(wire, geometry=geometry, max_gain=max(profile.default_gain, 1.0))
         gains = effective_gains(spec, profile)
-        scored = runner.score(gains_matrix(gains, geometry) if gains else None, indices=indices)
-        values[name] = [float(v) for v in scored.metric]
-    return values
+        settings.append(Setting.of_gains(gains_matrix(gains, geometry)) if gains else BASELINE)
+    scored = runner.score_many(settings, indices, answers=False)
+    return {name: [float(v) for v in s.metric] for name, s in zip(CANARY_SETTINGS, scored, strict=True)}
 
 
 class NoCanaries(AnalysisError):

@@ -31,7 +31,7 @@ class AnalysisConfig:
             "cpu" or "disk"); None: `device`.
         dtype: the weights' and forward passes' dtype (:data:`DTYPES`); float32 by default.
         batch_size: samples per forward pass; on a GPU, the most: the analysis halves it until its
-            largest pass fits (:func:`~steer_server.analysis.metric.fit_batch_size`).
+            largest pass fits (:func:`~steer_server.analysis.attribution.fit_batch_size`).
         limit: use only the first N samples of each data file.
         gains: the amplification gains swept in the validation.
         random_draws: draws of as many random unselected heads for the control.

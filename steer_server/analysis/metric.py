@@ -9,8 +9,8 @@ the project.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,14 +135,16 @@ class Setting:
     def is_baseline(self) -> bool:
         return self.gains is None and self.intervention is None
 
-    def active(self, model: Any, batch: int) -> AbstractContextManager[Any]:
-        """The setting's hooks on `model` for the runner's batch number `batch`."""
-        stack = ExitStack()
-        if self.gains is not None:
-            stack.enter_context(scale_heads(model, self.gains))
-        if self.intervention is not None:
-            stack.enter_context(self.intervention(batch))
-        return stack
+    @contextmanager
+    def active(self, model: Any, batch: int) -> Iterator[None]:
+        """The setting's hooks on `model` for the runner's batch number `batch` (removed on exit, also
+        when installing one of them fails)."""
+        with ExitStack() as stack:
+            if self.gains is not None:
+                stack.enter_context(scale_heads(model, self.gains))
+            if self.intervention is not None:
+                stack.enter_context(self.intervention(batch))
+            yield
 
 
 BASELINE = Setting()

@@ -206,13 +206,14 @@ def analyze(
     loaded = load_model(model_dir, device=config.device, dtype=config.dtype, device_map=config.placement())
     geometry = geometry_of(loaded.model.config)
     _check_heads(loaded.model, geometry)
+    stages = Checkpoint(checkpoint, run_key(model_dir, data_path, eval_data, config), STAGES, config.progress)
     if loaded.device.type == "cuda":
-        # The batch size is the most; what fits the GPU memory is measured (recorded in the provenance).
+        # The batch size is the most; what fits the GPU memory is measured (recorded in the provenance; a
+        # resumed run is keyed on the batch size asked for).
         config = replace(
             config, batch_size=fit_batch_size(loaded, [*conflicts, *report_samples], config.batch_size)
         )
     k = max(1, round(config.top_frac * geometry.total_heads))
-    stages = Checkpoint(checkpoint, run_key(model_dir, data_path, eval_data, config), STAGES, config.progress)
 
     runner = Runner(loaded, conflicts, config.batch_size)
     scores = stages.stage("attribution", lambda: attribution(runner, geometry, config.progress))

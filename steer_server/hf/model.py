@@ -88,7 +88,8 @@ def load_model(
     if device_map is None:
         model.to(device)
     else:
-        gpus = sorted(d for d in getattr(model, "hf_device_map", {}).values() if isinstance(d, int))
+        placed = [torch.device(d) for d in getattr(model, "hf_device_map", {}).values() if d != "disk"]
+        gpus = sorted({d.index or 0 for d in placed if d.type == "cuda"})
         device = f"cuda:{gpus[0]}" if gpus else "cpu"
     model.eval()
     return LoadedModel(model=model, processor=processor, device=torch.device(device))
@@ -246,7 +247,7 @@ def greedy_decode(
 
     Runs `max_tokens` forward passes without a KV cache (each new token goes at its row's end), so any
     hook active around the call applies to every step; `first`, the first token's logits when the caller
-    already has them (:func:`last_position_logits` under the same hooks), saves the first.
+    already has them (:func:`last_position_logits` under the same hooks), saves the first of them.
     """
     tokenizer = loaded.processor.tokenizer
     if first is None:
