@@ -46,6 +46,13 @@ def _embeddings_as_leaf(model: Any) -> Iterator[None]:
         handle.remove()
 
 
+@contextmanager
+def _differentiable_heads(model: Any) -> Iterator[None]:
+    """A backward reaches every `hook_z` and no parameter (both restored on exit)."""
+    with _frozen_parameters(model), _embeddings_as_leaf(model):
+        yield
+
+
 def attribution(runner: Runner, geometry: ModelGeometry, progress: bool) -> torch.Tensor:
     """[N, L, H] predicted drop of the metric when each head is zeroed, to first order:
     m - m(z_h = 0) ~ sum over positions of z_h . dm/dz_h, which is also exactly dm/dgain_h at gain 1.
@@ -61,7 +68,7 @@ def attribution(runner: Runner, geometry: ModelGeometry, progress: bool) -> torc
 
     model = runner.loaded.model
     scores = torch.full((len(runner.samples), geometry.num_layers, geometry.num_heads), math.nan)
-    with _frozen_parameters(model), _embeddings_as_leaf(model):
+    with _differentiable_heads(model):
         for number, rows in enumerate(
             tqdm(runner.batches, desc="attribution (1F+1B)", disable=not progress, unit="batch")
         ):
@@ -97,12 +104,7 @@ def fit_batch_size(loaded: LoadedModel, samples: Sequence[LoadedSample], cap: in
     size = min(cap, len(longest))
     while size >= 1:
         try:
-            with (
-                _frozen_parameters(model),
-                _embeddings_as_leaf(model),
-                capture_head_outputs(model),
-                torch.enable_grad(),
-            ):
+            with _differentiable_heads(model), capture_head_outputs(model), torch.enable_grad():
                 logits = last_position_logits(loaded, encode(loaded, longest[:size]))
                 logits.logsumexp(dim=-1).sum().backward()
             return size
