@@ -7,7 +7,7 @@ LOCK := requirements.lock
 # The venv is rebuilt when the lock file or the package metadata (entry points) change.
 STAMP := $(VENV)/.stamp-$(shell cat $(LOCK) pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: venv demo test lint format typecheck bench toy-profile vllm-compat clean
+.PHONY: venv browser demo test lint format typecheck bench profiles toy-profile learned-profile learned-model readme-figures vllm-compat clean
 
 venv: $(STAMP)
 
@@ -38,7 +38,16 @@ format: venv
 typecheck: venv
 	$(BIN)/mypy
 
-test: lint
+# Chromium from the OS packages, for the report page's browser test (tests/test_report.py); apt-get as root, else
+# through sudo. Other systems: install chromium by hand, so that `chromium` is on PATH.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		echo ">> installing chromium from the OS packages (the report page's browser test)"; \
+		$(SUDO) apt-get install -y --no-install-recommends chromium || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium; }; }
+
+test: lint browser
 	$(BIN)/pytest
 
 # Performance runs (not in CI; about 45 minutes on 2 quiet CPU cores, nothing else running): each step writes
@@ -59,12 +68,35 @@ bench: venv
 		$(BIN)/python -m pytest -q -s tests/test_hardening.py -k concurrent_mixed_load
 	$(BIN)/python benchmarks/report.py
 
-# Re-derive the shipped toy profile, its plots and its logit lens from the synthetic splits (10-20 minutes on 2 cores):
-# heads and the default gain are chosen on the validation split; every reported figure comes from the test split.
-toy-profile: venv
-	$(BIN)/modality-steer data synth --out build/toydata --n 6000 --seed 0
-	$(BIN)/modality-steer analyze steer_server/toy/checkpoint --data build/toydata/validation.jsonl \
-		--eval-data build/toydata/test.jsonl --out profiles/toy-llava.json --plots profiles
+# The shipped profiles of both embedded models (10-15 minutes each on 2 cores), from one synthetic data set
+# (n=6000, seed 0, 30% of instructions paraphrased: steer_server.eval.demo.SHIPPED_PROFILE_DATA). Heads and the
+# default gain are chosen on the validation split, without the position task and without paraphrased
+# instructions; every figure comes from the test split: within distribution, and on the two transfer splits
+# (the held-out task, the held-out wordings), with the sparsity curve and collateral.
+PROFILE_DATA := build/profile-data
+TRANSFER := --transfer task:position --transfer wording:paraphrase
+ANALYZE = $(BIN)/modality-steer analyze $(1) --data $(PROFILE_DATA)/validation.jsonl \
+	--eval-data $(PROFILE_DATA)/test.jsonl $(TRANSFER) --out profiles/$(2).json --plots profiles
+
+profiles: toy-profile learned-profile
+
+$(PROFILE_DATA)/test.jsonl: | venv
+	$(BIN)/modality-steer data synth --out $(PROFILE_DATA) --n 6000 --seed 0 --paraphrase-share 0.3
+
+toy-profile: venv $(PROFILE_DATA)/test.jsonl
+	$(call ANALYZE,steer_server/toy/checkpoint,toy-llava)
+
+learned-profile: venv $(PROFILE_DATA)/test.jsonl
+	$(call ANALYZE,steer_server/toy/checkpoint_learned,toy-llava-learned)
+
+# Render the README's figure blocks (<!-- figures: PROFILE --> ... <!-- /figures -->) from the profiles again.
+readme-figures: venv
+	$(BIN)/python -c 'from pathlib import Path; from steer_server.analysis.report import update_figure_blocks as u; \
+		p = Path("README.md"); p.write_text(u(p.read_text(), Path(".")))'
+
+# Train the second embedded model again (about 30 minutes on 2 cores): plain next-token loss, no head touched.
+learned-model: venv
+	$(BIN)/modality-steer toy train --arbitration learned --out steer_server/toy/checkpoint_learned
 
 # Check every row of the vLLM adapter against the installed vLLM and the Python sources of the vLLM 0.33 and 0.34
 # wheels (downloaded from the package registry into build/vllm-wheels, ~575 MB, kept for later runs; not in CI).

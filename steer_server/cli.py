@@ -44,13 +44,22 @@ def data_synth(
     out: Annotated[Path, typer.Option(help="Folder for train/validation/test JSONL files and images.")],
     n: Annotated[int, typer.Option(help="Samples over all splits (80/10/10).")] = 6000,
     seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same files.")] = 0,
+    paraphrase_share: Annotated[
+        float,
+        typer.Option(
+            help="Share of samples whose instruction is a paraphrase of the paper's sentence (for the "
+            "analysis' --transfer wording:paraphrase; 0: the paper's wording only, as before)."
+        ),
+    ] = 0.0,
 ) -> None:
     """Generate synthetic coloured-shape conflict data with controls."""
     from .data.schema import DataError, load_samples
-    from .data.synth import synth_dataset
+    from .data.synth import SynthSpec, synth_dataset
 
+    if not 0 <= paraphrase_share <= 1:
+        _fail(f"--paraphrase-share must lie in [0, 1], got {paraphrase_share}")
     try:
-        paths = synth_dataset(out, n, seed)
+        paths = synth_dataset(out, n, seed, SynthSpec(paraphrase_share=paraphrase_share))
     except DataError as exc:
         _fail(str(exc))
     for split, path in paths.items():
@@ -90,8 +99,15 @@ def toy_train(
     seed: Annotated[int, typer.Option()] = 0,
     steps: Annotated[int | None, typer.Option(help="Training steps (default: the recipe's).")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
+    arbitration: Annotated[
+        str,
+        typer.Option(
+            help="planted: the embedded toy, whose arbitration heads are scaled during training (a known "
+            "circuit); learned: plain next-token loss, no head touched (the second embedded model)."
+        ),
+    ] = "planted",
 ) -> None:
-    """Train the toy model from scratch (about 28 minutes on 2 cores), evaluate it and write its model card."""
+    """Train a toy model from scratch (about 28 minutes on 2 cores), evaluate it and write its model card."""
     import dataclasses
 
     import torch
@@ -100,7 +116,9 @@ def toy_train(
     from .toy.training import Recipe, train
 
     torch.set_num_threads(threads)
-    recipe = Recipe(seed=seed)
+    if arbitration not in ("planted", "learned"):
+        raise typer.BadParameter(f"--arbitration must be planted or learned, got {arbitration!r}")
+    recipe = Recipe.of("learned" if arbitration == "learned" else "planted", seed)
     if steps is not None:
         recipe = dataclasses.replace(recipe, steps=steps)
     info = train(out, recipe)
@@ -194,6 +212,13 @@ def analyze(
             "model, data and settings from them (removed once the profile is written)."
         ),
     ] = True,
+    transfer: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Keep the samples this rule matches out of every choice and report them as a transfer split "
+            "beside the within-distribution figures: task:NAME[,NAME...] or wording:paraphrase (repeatable)."
+        ),
+    ] = None,
 ) -> None:
     """Find the heads that arbitrate between image and text; validate them; write a profile."""
     from .analysis.config import AnalysisConfig, AnalysisError
@@ -217,6 +242,7 @@ def analyze(
         seed=seed,
         holdout=holdout,
         canaries=canaries,
+        transfer=tuple(transfer or ()),
     )
     # Finished stages go beside the profile; a rerun of the same analysis resumes from them.
     checkpoint = out.with_name(out.stem + ".checkpoint") if resume else None
@@ -230,6 +256,37 @@ def analyze(
         shutil.rmtree(checkpoint, ignore_errors=True)
     summary = result.profile.model_extra["validation"]["summary"] if result.profile.model_extra else {}
     typer.echo(json.dumps({"default_gain": result.profile.default_gain, **summary}, indent=2))
+
+
+@app.command()
+def report(
+    profile: Annotated[
+        Path, typer.Argument(help="Profile JSON (the knockout and logit-lens JSON beside it are read too).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="HTML file to write (default: the profile's path with .html).")
+    ] = None,
+    screenshot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write a full-page PNG of it, from headless Chromium (needs Playwright and chromium)."
+        ),
+    ] = None,
+) -> None:
+    """Write one self-contained HTML page of a profile for review: heads, validation, splits, plots, canaries."""
+    from .analysis import report as page
+    from .profile import ProfileError
+
+    try:
+        written = page.write_report(profile, out or profile.with_suffix(".html"))
+        typer.echo(f"wrote {written}")
+        if screenshot is not None:
+            problems = page.screenshot(written, screenshot)
+            typer.echo(f"wrote {screenshot}")
+            if problems:
+                _fail("the browser reported: " + "; ".join(problems))
+    except (ProfileError, OSError, page.BrowserUnavailable) as exc:
+        _fail(str(exc))
 
 
 @app.command(

@@ -223,3 +223,79 @@ def server_state(server: Any) -> dict[str, Any]:
     """`GET /v1/modality_steer/state` of `server` (a VllmServer without --api-key)."""
     with urllib.request.urlopen(f"{server.base_url}/v1/modality_steer/state", timeout=60) as response:
         return json.loads(response.read())
+
+
+# --------------------------------------------------------------------------------------------------
+# HTTP against a running server (urllib: no client library between the test and the wire).
+# --------------------------------------------------------------------------------------------------
+
+# The probes every deployment answers without credentials (steer_server.serving.api.PUBLIC_PROBES, pinned).
+PUBLIC_PROBES = ["/health", "/metrics", "/ping", "/version"]
+
+
+def http_request(
+    url: str, method: str = "GET", key: str | None = None, body: Any = None, *, timeout: float = 120
+) -> tuple[int, bytes]:
+    """(status, body) of one request; `key` as a bearer token; `body` as JSON (not sent with GET / HEAD)."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None and method not in ("GET", "HEAD") else None
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def generated_tokens(base_url: str) -> float:
+    """vLLM's count of generated tokens, from /metrics (a public probe)."""
+    status, text = http_request(f"{base_url}/metrics")
+    assert status == 200
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.decode().splitlines()
+        if line.startswith("vllm:generation_tokens_total")
+    )
+
+
+def assert_every_route_needs_the_key(server: Any, model: Path, key: str, *, root: str = "") -> None:
+    """Every route of the running app (from its own route table, every method it takes, path parameters
+    filled in): without the key 401 and nothing generated, unless it is a public probe; with the key, not
+    401, and the chat route generates."""
+    base = server.base_url + root
+    status, raw = http_request(f"{base}/v1/modality_steer/state", "GET", key)
+    assert status == 200, raw
+    routes = json.loads(raw)["routes"]
+    assert routes["public"] == PUBLIC_PROBES  # pinned: a probe vLLM adds or renames fails here
+    body = {
+        "model": str(model),
+        "prompt": "USER: What colour is the object?\nASSISTANT:",
+        "messages": [{"role": "user", "content": "What colour is the object?"}],
+        "input": "What colour is the object?",
+        "max_tokens": 2,
+    }
+    before = generated_tokens(server.base_url)
+    walked = 0
+    for path, methods in routes["methods"].items():
+        url = base + path.replace("{", "").replace("}", "").replace(":path", "")
+        for method in methods:
+            if method == "WEBSOCKET":
+                continue  # no HTTP method reaches a websocket route; the cheap test covers the handshake
+            method = "POST" if method == "*" else method
+            status, raw = http_request(url, method, None, body)
+            walked += 1
+            if path in PUBLIC_PROBES:
+                assert status != 401, (method, path)
+                continue
+            assert status == 401, (method, path, status, raw[:200])
+            if method != "HEAD":  # a HEAD answer has no body
+                assert json.loads(raw) == {"error": "Unauthorized"}, (method, path, raw[:200])
+    assert walked >= 30, walked  # every method of every route of vLLM 0.32's app (40 here)
+    assert generated_tokens(server.base_url) == before, "an unauthenticated request generated"
+    status, raw = http_request(f"{base}/v1/chat/completions", "POST", key, body)
+    assert status == 200, raw
+    assert generated_tokens(server.base_url) > before
+    status, raw = http_request(f"{base}/invocations", "POST", key, {**body, "modality_steer": "bogus"})
+    assert status in (400, 403) and b"modality_steer" in raw, raw

@@ -15,9 +15,10 @@ import torch
 
 from steer_server.analysis.ablation import gain_table, spearman
 from steer_server.analysis.attribution import attribution
-from steer_server.analysis.config import AnalysisConfig, AnalysisError
+from steer_server.analysis.config import AnalysisConfig, AnalysisError, TransferRule
 from steer_server.analysis.metric import Runner, score_logits
 from steer_server.analysis.pipeline import analyze, content_overlap, split_holdout
+from steer_server.analysis.sparsity import CURVE_FRACTIONS
 from steer_server.architectures import (
     UnsupportedArchitectureError,
     attention_modules,
@@ -26,7 +27,7 @@ from steer_server.architectures import (
 )
 from steer_server.data.schema import DataError, LoadedSample, data_digest, load_samples
 from steer_server.data.scoring import is_success
-from steer_server.data.synth import synth_dataset
+from steer_server.data.synth import SynthSpec, synth_dataset
 from steer_server.hf.hooks import capture_head_outputs, knockout_attention, scale_heads
 from steer_server.hf.model import ModelLoadError, encode, greedy_decode, load_model
 from steer_server.profile import load_profile
@@ -374,8 +375,28 @@ def test_analysis_end_to_end(tiny_model, small_data, tmp_path):
     # Cutting any edge into the instruction in the last layer cannot reach the last position.
     for edge in ("image->instruction", "context->instruction"):
         assert flow["edges"][edge]["delta_metric"][-1] == pytest.approx(0.0, abs=1e-6)
-    for png in ("profile.heads.png", "profile.knockout.png", "profile.logit_lens.png"):
+    for png in (
+        "profile.heads.png",
+        "profile.knockout.png",
+        "profile.logit_lens.png",
+        "profile.sparsity.png",
+    ):
         assert (plots / png).stat().st_size > 10_000
+    # The sparsity curve: one point per fraction; its top heads are the analysis' ranking (the selected heads
+    # first), its random heads are drawn outside them; every figure on the report split's conflicts.
+    curve = raw["sparsity"]
+    assert [p["fraction"] for p in curve["points"]] == list(CURVE_FRACTIONS)
+    total = geometry[0] * geometry[1]
+    for point in curve["points"]:
+        assert point["heads"] == max(1, round(point["fraction"] * total))
+        for mode in ("image", "text"):
+            at = point["modes"][mode]
+            top = [tuple(lh) for lh in at["top_heads"]]
+            assert top[: min(k, len(top))] == profile.heads(mode)[: len(top)]
+            assert len(at["random_heads"]) == 2
+            for drawn in at["random_heads"]:
+                assert len(drawn) == point["heads"] and not {tuple(lh) for lh in drawn} & set(top)
+            assert at["relative_drop_top"]["n"] == raw["validation"]["modes"][mode]["conflicts"]
 
 
 def _jsonl(path, records):
@@ -519,13 +540,27 @@ def assert_choices_never_saw_the_reported_split(raw, selection_path, report_path
     assert splits["report"]["sha256"] == data_digest(report_path)
     assert any("default_gain" in use for use in splits["selection"]["used_for"])
     assert any("heads" in use for use in splits["selection"]["used_for"])
-    assert set(splits["report"]["used_for"]) == {"validation", "knockout", "logit_lens"}
+    assert set(splits["report"]["used_for"]) == {"validation", "knockout", "logit_lens", "sparsity"}
     assert raw["validation"]["split"] == "report" and raw["selection"]["split"] == "selection"
+    assert raw["sparsity"]["split"] == "report"
     selection_ids = {s.sample.id for s in load_samples(selection_path)}
     report_ids = {s.sample.id for s in load_samples(report_path)}
     assert not selection_ids & report_ids and splits["disjoint_sample_ids"] is True
-    overlap = content_overlap(load_samples(selection_path)[:limit], load_samples(report_path)[:limit])
-    assert splits["report_samples_identical_to_selection_samples"] == overlap
+    # Transfer splits: every sample a rule matches was kept out of the selection split (counted there),
+    # and each transfer split holds exactly the report samples its rule matches.
+    rules = [TransferRule.parse(name) for name in splits["transfer_rules"]]
+    selection_file, report_file = load_samples(selection_path)[:limit], load_samples(report_path)[:limit]
+    for rule in rules:
+        assert splits["kept_out_of_selection"][rule.name] == sum(rule.matches(s) for s in selection_file)
+        record = splits["transfer"][rule.name]
+        assert record["samples"] == sum(rule.matches(s) for s in report_file) > 0
+        assert record["sha256"] == data_digest(report_path) and record["used_for"] == ["transfer"]
+    within = [s for s in selection_file if not any(rule.matches(s) for rule in rules)]
+    within_report = [s for s in report_file if not any(rule.matches(s) for rule in rules)]
+    assert splits["selection"]["samples"] == len(within)
+    assert splits["report"]["samples"] == len(within_report)
+    assert splits["report_samples_identical_to_selection_samples"] == content_overlap(within, within_report)
+    assert sorted(raw.get("transfer", {}).get("splits", {})) == sorted(rule.name for rule in rules)
     # The default gain follows from the selection split's sweep (rescued most, broke at most 5%) ...
     sweep = raw["selection"]["gain_sweep"]
 
@@ -537,7 +572,7 @@ def assert_choices_never_saw_the_reported_split(raw, selection_path, report_path
     assert raw["default_gain"] == min(float(g) for g in allowed if share(g, "rescued_share") == best)
     # ... whose counts are the selection split's, not the report split's.
     assert raw["selection"]["failed_at_baseline"] + raw["selection"]["correct_at_baseline"] == sum(
-        s.sample.kind == "conflict" for s in load_samples(selection_path)[:limit]
+        s.sample.kind == "conflict" for s in within
     )
 
 
@@ -615,14 +650,30 @@ def test_analysis_recovers_the_toys_planted_circuit(tmp_path, monkeypatch):
         assert abs(own) >= 4 * profile.canaries.tolerance, canary.id
 
 
-def test_shipped_profile_chose_nothing_on_its_reported_split(tmp_path):
-    """The shipped profile's provenance: heads and default gain from the synthetic validation split, every
-    figure from the test split (regenerated here, byte for byte the files recorded), disjoint; every
-    reported figure carries its 95% interval and sample count."""
-    from steer_server.eval.demo import toy_profile_path
+@pytest.fixture(scope="module")
+def shipped_profile_data(tmp_path_factory):
+    from steer_server.eval.demo import SHIPPED_PROFILE_DATA
 
-    raw = json.loads(toy_profile_path().read_text())
-    data = synth_dataset(tmp_path, 6000, seed=0)
+    spec = SynthSpec(paraphrase_share=SHIPPED_PROFILE_DATA["paraphrase_share"])
+    return synth_dataset(
+        tmp_path_factory.mktemp("profile-data"),
+        int(SHIPPED_PROFILE_DATA["n"]),
+        int(SHIPPED_PROFILE_DATA["seed"]),
+        spec,
+    )
+
+
+@pytest.mark.parametrize("which", ["toy", "learned"])
+def test_shipped_profiles_chose_nothing_on_their_reported_splits(shipped_profile_data, which):
+    """Both shipped profiles' provenance: heads and default gain from the synthetic validation split without
+    the transfer rules' samples, every figure from the test split (regenerated here, byte for byte the files
+    recorded), disjoint; the transfer splits are the rules' report samples; every reported figure carries its
+    95% interval and sample count; the sparsity curve and the transfer table are there."""
+    from steer_server.eval.demo import SHIPPED_TRANSFER_RULES, learned_profile_path, toy_profile_path
+
+    raw = json.loads((toy_profile_path() if which == "toy" else learned_profile_path()).read_text())
+    data = shipped_profile_data
+    assert raw["provenance"]["splits"]["transfer_rules"] == list(SHIPPED_TRANSFER_RULES)
     assert_choices_never_saw_the_reported_split(raw, data["validation"], data["test"])
     summary = raw["validation"]["summary"]
     for key in (
@@ -636,7 +687,11 @@ def test_shipped_profile_chose_nothing_on_its_reported_split(tmp_path):
     ):
         low, high = summary[key]["ci95"]
         assert low <= summary[key]["value"] <= high and summary[key]["n"] > 0, key
-    # The analysis issue's targets, on the report split.
+    assert [p["fraction"] for p in raw["sparsity"]["points"]] == list(CURVE_FRACTIONS)
+    assert set(raw["transfer"]["side_by_side"]["mf_ratio_baseline"]) == {"within", *SHIPPED_TRANSFER_RULES}
+    if which == "learned":
+        return  # what the analysis finds on it is reported, not required (README)
+    # The analysis issue's targets, on the toy's report split.
     assert summary["block_top_relative_drop"]["ci95"][0] >= 0.5, summary
     assert summary["block_random_relative_drop"]["value"] <= 0.1, summary
     assert summary["amplify_rescued_share"]["value"] >= 0.4, summary
@@ -694,6 +749,71 @@ def test_every_choice_sees_only_the_selection_split(tiny_llava, small_data, monk
         assert seen[name] and seen[name] <= selection, name
     for name in FIGURES:
         assert seen[name] and seen[name] <= reported, name
+
+
+def test_transfer_splits_are_kept_out_of_every_choice(tiny_llava, tmp_path_factory, monkeypatch):
+    """With --transfer rules (a held-out task and the held-out instruction wordings), no stage that chooses
+    sees a sample a rule matches, the within-distribution figures see none either, and each transfer
+    split's validation sees exactly its rule's report samples; the profile sets them side by side."""
+    import steer_server.analysis.pipeline as pipeline
+
+    data = synth_dataset(
+        tmp_path_factory.mktemp("paraphrased"), 240, seed=9, spec=SynthSpec(paraphrase_share=0.4)
+    )
+    seen: dict[str, list[set[str]]] = {}
+
+    def spy(name, function):
+        def wrapped(runner, *args, **kwargs):
+            seen.setdefault(name, []).append({s.sample.id for s in runner.samples})
+            return function(runner, *args, **kwargs)
+
+        return wrapped
+
+    for name in (*CHOICES, *FIGURES, "sparsity_curve"):
+        monkeypatch.setattr(pipeline, name, spy(name, getattr(pipeline, name)))
+    rules = ("task:position", "wording:paraphrase")
+    config = AnalysisConfig(
+        progress=False, random_draws=1, knockout_samples=4, canaries=0, transfer=rules, gains=(2.0,)
+    )
+    raw = json.loads(analyze(tiny_llava, data["train"], config).profile.model_dump_json())
+    samples = load_samples(data["train"])
+    chosen, held = split_holdout(samples, config.holdout, config.seed)
+    parsed = [TransferRule.parse(rule) for rule in rules]
+    matched = {s.sample.id for s in samples if any(rule.matches(s) for rule in parsed)}
+    assert any(s.sample.instruction for s in samples) and matched
+    for name in CHOICES:
+        assert seen[name] and not set().union(*seen[name]) & matched, name
+    for name in ("knockout", "semantic_inertia", "sparsity_curve"):
+        assert not set().union(*seen[name]) & matched, name
+    within, *transferred = seen["validate"]
+    assert within == {s.sample.id for s in held if s.sample.id not in matched}
+    assert transferred == [{s.sample.id for s in held if rule.matches(s)} for rule in parsed]
+    splits = raw["provenance"]["splits"]
+    assert splits["transfer_rules"] == list(rules)
+    for rule in parsed:
+        assert splits["kept_out_of_selection"][rule.name] == sum(rule.matches(s) for s in chosen)
+        assert splits["transfer"][rule.name]["samples"] == sum(rule.matches(s) for s in held)
+        assert raw["transfer"]["splits"][rule.name]["split"] == f"transfer {rule.name}"
+    table = raw["transfer"]["side_by_side"]
+    for figure in ("mf_ratio_baseline", "block_top_relative_drop", "amplify_rescued_share"):
+        assert set(table[figure]) == {"within", *rules}
+    for mode in ("image", "text"):
+        assert set(table["collateral"][mode]) == {"within", *rules}
+        assert "block_changed_share" in table["collateral"][mode]["within"]
+
+
+@pytest.mark.parametrize(
+    ("rule", "needle"),
+    [
+        ("colour", "--transfer must be task:NAME"),
+        ("task:", "--transfer must be task:NAME"),
+        ("speaker:alice", "--transfer must be task:NAME"),
+        ("wording:formal", "knows paraphrase only"),
+    ],
+)
+def test_bad_transfer_rules_are_refused(rule, needle):
+    with pytest.raises(AnalysisError, match=needle):
+        AnalysisConfig(transfer=(rule,)).check()
 
 
 def test_holdout_split_is_disjoint_stratified_and_seeded(small_data):
@@ -937,3 +1057,33 @@ def test_start_at_layer_puts_back_accelerates_forwards(tiny_llava, small_data):
     before = Counting.calls
     runner.score_many([BASELINE], answers=False)
     assert Counting.calls - before == len(layers) * len(runner.batches)
+
+
+def test_collateral_counts_changed_answers_per_control_type(small_data):
+    """Collateral is the share of controls whose (normalised) greedy answer differs from the unsteered
+    one, per arm and per control type; a control answered wrongly both times but differently counts."""
+    from steer_server.analysis.metric import Scored
+    from steer_server.analysis.validation import collateral, control_type
+
+    controls = [s for s in load_samples(small_data["test"]) if s.sample.kind == "control"][:6]
+    types = [control_type(s) for s in controls]
+    assert set(types) <= {"agree", "image_only", "text_only"}
+
+    def scored(answers):
+        return Scored(
+            metric=torch.zeros(len(answers)),
+            follows=torch.zeros(len(answers), dtype=torch.bool),
+            answers=answers,
+        )
+
+    base = ["Red", "blue", "one", "two", "left", "square"]
+    block = ["red.", "green", "one", "three", "left", "square"]  # "red." normalises to "red": unchanged
+    amplify = list(base)
+    report = collateral(controls, [scored(base), scored(block), scored(amplify)])
+    assert report["block_changed_share"]["value"] == pytest.approx(2 / 6)
+    assert report["block_changed_share"]["n"] == 6
+    assert report["amplify_changed_share"]["value"] == 0.0
+    changed = [False, True, False, True, False, False]
+    for kind in set(types):
+        expected = sum(c for c, t in zip(changed, types, strict=True) if t == kind) / types.count(kind)
+        assert report["block_changed_by_type"][kind]["value"] == pytest.approx(expected)

@@ -3,17 +3,15 @@
 guards only /v1, /v2, /inference and /cohere), before anything of the request is read.
 
 The cheap level drives the middleware in an app with every kind of route (steered, refused, inert, mounts,
-websockets, a path no route matches) through Starlette's test client, with vLLM's own key check; the
-integration level walks every route of real servers started with `--api-key`, with and without a policy
-and a root path, and checks that nothing was generated.
+websockets, a path no route matches), with and without a root path, through Starlette's test client, with
+vLLM's own key check; the integration level walks every route of a real server started with `--api-key`
+under a root path, and checks that nothing was generated (the same walk runs on the enforced keyed server
+of tests/test_serving_policy.py).
 """
 
 from __future__ import annotations
 
-import json
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,13 +19,13 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI, WebSocket
-from helpers import serve
+from helpers import PUBLIC_PROBES, assert_every_route_needs_the_key, serve
 from pydantic import BaseModel
 from starlette.routing import Mount
 
 KEY = "s3cret-key"
 ROOT = "/api"
-PUBLIC = ["/health", "/metrics", "/ping", "/version"]
+PUBLIC = PUBLIC_PROBES
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,92 +185,18 @@ def test_the_keys_are_vllms_own(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
-# Real servers: every route of the running app.
+# A real server: every route of the running app (an enforced keyed server without a root path walks them
+# too, in tests/test_serving_policy.py).
 # --------------------------------------------------------------------------------------------------
 
 
-def _request(url: str, method: str, key: str | None, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    data = json.dumps(body).encode() if body is not None and method not in ("GET", "HEAD") else None
-    request = urllib.request.Request(url, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
-def _generated_tokens(base_url: str) -> float:
-    """vLLM's count of generated tokens, from /metrics (a public probe)."""
-    status, text = _request(f"{base_url}/metrics", "GET", None)
-    assert status == 200
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.decode().splitlines()
-        if line.startswith("vllm:generation_tokens_total")
-    )
-
-
-@pytest.fixture(
-    scope="module",
-    params=[
-        ("no policy", None, ""),
-        ("enforced", "text", ""),
-        ("no policy, root path", None, ROOT),
-        ("enforced, root path", "text", ROOT),
-    ],
-    ids=lambda p: p[0],
-)
-def keyed_server(request, tiny_llava: Path, llava_profile: Path) -> Iterator[tuple[Any, str]]:
-    _, enforce, root = request.param
-    args = ["--enforce-eager", "--api-key", KEY]
-    if root:
-        args += ["--root-path", root]
-    steer_args = ["--enforce-steer", enforce] if enforce else []
-    with serve(tiny_llava, llava_profile, *args, steer_args=steer_args) as server:
-        yield server, root
+@pytest.fixture(scope="module")
+def keyed_server(tiny_llava: Path, llava_profile: Path) -> Iterator[Any]:
+    """No policy, under a root path (the enforced server without one: tests/test_serving_policy.py)."""
+    with serve(tiny_llava, llava_profile, "--enforce-eager", "--api-key", KEY, "--root-path", ROOT) as server:
+        yield server
 
 
 @pytest.mark.vllm
 def test_a_keyed_server_answers_401_on_every_route_but_the_public_probes(keyed_server, tiny_llava):
-    """Every route of the running app (from its own route table, every method it takes, path parameters
-    filled in): without the key 401 and nothing generated, unless it is a public probe; with the key, not
-    401, and the chat route generates."""
-    server, root = keyed_server
-    base = server.base_url + root
-    status, raw = _request(f"{base}/v1/modality_steer/state", "GET", KEY)
-    assert status == 200, raw
-    routes = json.loads(raw)["routes"]
-    assert routes["public"] == PUBLIC  # pinned: a probe vLLM adds or renames fails here
-    body = {
-        "model": str(tiny_llava),
-        "prompt": "USER: What colour is the object?\nASSISTANT:",
-        "messages": [{"role": "user", "content": "What colour is the object?"}],
-        "input": "What colour is the object?",
-        "max_tokens": 2,
-    }
-    before = _generated_tokens(server.base_url)
-    walked = 0
-    for path, methods in routes["methods"].items():
-        url = base + path.replace("{", "").replace("}", "").replace(":path", "")
-        for method in methods:
-            if method == "WEBSOCKET":
-                continue  # no HTTP method reaches a websocket route; the cheap test covers the handshake
-            method = "POST" if method == "*" else method
-            status, raw = _request(url, method, None, body)
-            walked += 1
-            if path in PUBLIC:
-                assert status != 401, (method, path)
-                continue
-            assert status == 401, (method, path, status, raw[:200])
-            if method != "HEAD":  # a HEAD answer has no body
-                assert json.loads(raw) == {"error": "Unauthorized"}, (method, path, raw[:200])
-    assert walked >= 30, walked  # every method of every route of vLLM 0.32's app (40 here)
-    assert _generated_tokens(server.base_url) == before, "an unauthenticated request generated"
-    status, raw = _request(f"{base}/v1/chat/completions", "POST", KEY, body)
-    assert status == 200, raw
-    assert _generated_tokens(server.base_url) > before
-    status, raw = _request(f"{base}/invocations", "POST", KEY, {**body, "modality_steer": "bogus"})
-    assert status in (400, 403) and b"modality_steer" in raw, raw
+    assert_every_route_needs_the_key(keyed_server, tiny_llava, KEY, root=ROOT)

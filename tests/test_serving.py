@@ -5,9 +5,11 @@ request errors, the policy, the header and the metrics; pipeline parallel and sp
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -226,6 +228,52 @@ def test_header_and_metrics(llava_server, tiny_llava, serve_samples, llava_profi
         and f'profile_id="{profile_id}"' in info[0]
         and 'model="LlavaForConditionalGeneration"' in info[0]
     )
+
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "dashboard" / "modality-steer.json"
+
+
+def _exported(server) -> dict[str, set[str]]:
+    """Every series name of the server's /metrics with the label names it carries."""
+    text = urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10).read().decode()
+    series: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, labels = line.rpartition(" ")[0].partition("{")
+            series.setdefault(name, set()).update(re.findall(r'(\w+)="', labels))
+    return series
+
+
+def test_every_series_the_dashboard_queries_is_exported(llava_server, tiny_llava, serve_samples):
+    """The shipped Grafana dashboard (docs/dashboard/modality-steer.json) queries only series a running
+    server exports, with the labels it groups them by; the canary gauge shows exactly one status."""
+    client = llava_server.client()
+    client.chat.completions.create(
+        model=str(tiny_llava), messages=openai_messages(serve_samples[0]), max_tokens=2
+    )
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])] + [
+        variable["query"] for variable in dashboard["templating"]["list"]
+    ]
+    exported = _exported(llava_server)
+    queried = set()
+    for expr in exprs:
+        names = re.findall(r"\b(modality_steer_\w+|vllm:\w+)", expr)
+        assert names, expr
+        grouped = {
+            label.strip() for group in re.findall(r"by \(([^)]*)\)", expr) for label in group.split(",")
+        }
+        for name in names:
+            assert name in exported, (name, expr)
+            assert grouped - {"instance", "le"} <= exported[name] | {"le"}, (name, grouped, exported[name])
+            queried.add(name)
+    # Each of the plugin's series is on the dashboard (prometheus_client's *_created timestamps aside).
+    plugin = {
+        name for name in exported if name.startswith("modality_steer_") and not name.endswith("_created")
+    }
+    assert plugin <= queried, plugin - queried
+    status = {k: v for k, v in _metrics(llava_server).items() if k.startswith("modality_steer_canary_status")}
+    assert len(status) == 4 and sum(status.values()) == 1, status
 
 
 # --------------------------------------------------------------------------------------------------

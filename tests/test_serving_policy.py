@@ -7,8 +7,10 @@ import json
 import openai
 import pytest
 from helpers import (
+    assert_every_route_needs_the_key,
     assert_same_steps,
     chat,
+    http_request,
     reference_steps,
     serve,
     served_steps,
@@ -220,30 +222,20 @@ UNAUTHENTICATED = [
 def test_api_key_is_required_before_anything_else(enforced_raw_server, tiny_llava, method, path, fields, key):
     """vLLM's authentication runs before modality-steer reads the request: a request without the key gets
     401, never a steering error (which would tell an anonymous client about the policy) or an answer."""
-    import urllib.error
-    import urllib.request
+    body = None if fields is None else {"model": str(tiny_llava), "max_tokens": 2, **fields}
+    status, _ = http_request(f"{enforced_raw_server.base_url}{path}", method, key, body, timeout=30)
+    assert status == 401
 
-    data = (
-        None if fields is None else json.dumps({"model": str(tiny_llava), "max_tokens": 2, **fields}).encode()
-    )
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(
-        f"{enforced_raw_server.base_url}{path}", data=data, headers=headers, method=method
-    )
-    with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(request, timeout=30)
-    assert caught.value.code == 401
+
+def test_every_route_of_the_keyed_enforced_server_needs_the_key(enforced_raw_server, tiny_llava):
+    """The route walk of tests/test_api_key.py on this server: an enforced policy, no root path."""
+    assert_every_route_needs_the_key(enforced_raw_server, tiny_llava, API_KEY)
 
 
 def test_state_endpoint_answers_with_the_key(enforced_raw_server):
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"{enforced_raw_server.base_url}/v1/modality_steer/state",
-        headers={"Authorization": f"Bearer {API_KEY}"},
+    status, raw = http_request(
+        f"{enforced_raw_server.base_url}/v1/modality_steer/state", key=API_KEY, timeout=30
     )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        state = json.loads(response.read())
+    assert status == 200
+    state = json.loads(raw)
     assert [w["slots_in_use"] for w in state["workers"]] == [0]

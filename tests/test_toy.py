@@ -133,3 +133,106 @@ def test_training_gains_scale_each_instructions_heads_together():
         assert float((drawn == 1).float().mean()) == pytest.approx(recipe.gain_one, abs=0.03)
         assert float((drawn == 2).float().mean()) == pytest.approx(recipe.gain_two, abs=0.03)
         assert float(drawn.max()) <= recipe.gain_max
+
+
+def _train_a_few_steps(arbitration, tmp_path, monkeypatch):
+    """Run the real training loop (`train`) for a few steps at a tiny size; return the calls of
+    `scale_heads` and, per forward of any module during the language-model steps, whether a hook was on it."""
+    import dataclasses
+
+    import torch
+
+    import steer_server.toy.training as training
+
+    calls = []
+    real_scale_heads = training.scale_heads
+
+    def spy(model, gains):
+        calls.append(gains.clone())
+        return real_scale_heads(model, gains)
+
+    monkeypatch.setattr(training, "scale_heads", spy)
+    hooked = []
+
+    def watch(module, args):
+        if module.training and isinstance(module, torch.nn.Linear):
+            hooked.append(bool(module._forward_pre_hooks or module._forward_hooks))
+
+    recipe = dataclasses.replace(
+        Recipe.of(arbitration),
+        steps=3,
+        perception_steps=1,
+        vision_steps=1,
+        vision_pool_size=40,
+        pool_size=120,
+        batch_size=4,
+        vision_batch_size=4,
+    )
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(watch)
+    try:
+        training.train(tmp_path / arbitration, recipe, ToyArchitecture(**_TINY), progress=False)
+    finally:
+        handle.remove()
+    return calls, hooked
+
+
+# Small, but with the planted recipe's heads (layers 2-4, heads up to 6).
+_TINY = {"text_hidden": 64, "text_layers": 5, "text_heads": 8, "head_dim": 8, "text_mlp": 64}
+
+
+def test_the_learned_models_training_touches_no_head(tmp_path, monkeypatch):
+    """The second embedded model learns to arbitrate from its labels alone: its training loop (the code
+    that made it) never scales or masks a head, and no module carries a hook while it trains. The
+    planted recipe, through the same loop, does both (so the spies see an intervention when there is one)."""
+    calls, hooked = _train_a_few_steps("learned", tmp_path, monkeypatch)
+    assert calls == [] and hooked and not any(hooked)
+    calls, hooked = _train_a_few_steps("planted", tmp_path, monkeypatch)
+    assert len(calls) == 3 and any(hooked)
+    training = json.loads((tmp_path / "learned" / "training.json").read_text())
+    assert training["recipe"]["arbitration"] == "learned"
+
+
+def test_learned_labels_are_fixed_by_the_data_alone():
+    """A learned-recipe example has one label whatever any gain (no competing answer to fall back on);
+    against a salient competitor, the competitor's answer is the label about `competitor_wins` of the
+    time, else the instructed one, and never otherwise."""
+    import random
+
+    recipe = Recipe.of("learned")
+    records = synth_records(3000, 5, prefix="t", spec=SynthSpec(conflict_share=1.0, salient_share=0.5))
+    rng = random.Random(0)
+    wins, against = 0, 0
+    for record in records:
+        example = example_for(record, with_instruction=True, recipe=recipe, rng=rng)
+        sample = record.sample
+        assert example.competing is None
+        assert example.target_at({"image": 0.0, "text": 0.0}) == example.target_at(
+            {"image": 9.0, "text": 9.0}
+        )
+        instructed = (sample.answer_image if sample.follow == "image" else sample.answer_text)[0]
+        competitor_salient = record.scene.big if sample.follow == "text" else record.emphatic
+        instructed_salient = record.emphatic if sample.follow == "text" else record.scene.big
+        if competitor_salient and not instructed_salient:
+            against += 1
+            wins += example.target != instructed
+        else:
+            assert example.target == instructed
+    assert abs(wins / against - recipe.competitor_wins) < 0.05, (wins, against)
+
+
+def test_the_learned_models_card_states_how_it_was_made_and_what_it_measured():
+    """The second embedded model's card: made by the learned recipe (its training.json), says so, and
+    states the figures of its evaluation.json (measured when it was trained; `modality-steer toy eval
+    --model` measures it again), which meet the embedded models' targets."""
+    from steer_server.toy.model import learned_model_dir
+
+    folder = learned_model_dir()
+    training = json.loads((folder / "training.json").read_text())
+    report = json.loads((folder / "evaluation.json").read_text())
+    readme = (folder / "README.md").read_text()
+    assert training["recipe"]["arbitration"] == "learned"
+    assert readme.startswith("# modality-steer-toy-llava-learned")
+    assert "nothing is done to any head" in readme and "--arbitration learned" in readme
+    for mode in ("image", "text"):
+        assert f'"rely on the {mode}" | {report["mf_ratio_by_follow"][mode]:.3f}' in readme
+    assert target_misses(report) == [] and _target_verdict(report) in readme

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.schema import LoadedSample
+
 DEFAULT_GAINS = (1.5, 2.0, 3.0, 4.0, 6.0)
 # --dtype: the forward passes' precision. The metric, the attribution's products and sums, and the
 # logit lens' decomposition are computed in float32 / float64 whatever it is.
@@ -16,6 +18,42 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class AnalysisError(ValueError):
     """Input the analysis cannot work with; the message says what and where."""
+
+
+# ``--transfer`` rules (:mod:`.transfer`): what kinds there are, and the wordings a rule may name.
+RULE_KINDS = ("task", "wording")
+WORDINGS = ("paraphrase",)
+
+
+@dataclass(frozen=True)
+class TransferRule:
+    """One ``--transfer`` rule: `kind` ("task" or "wording") and the values it matches."""
+
+    kind: str
+    values: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{','.join(self.values)}"
+
+    @classmethod
+    def parse(cls, text: str) -> TransferRule:
+        """Raises:
+        AnalysisError: not ``task:NAME[,NAME...]`` or ``wording:paraphrase``.
+        """
+        kind, _, rest = text.partition(":")
+        values = tuple(v.strip() for v in rest.split(",") if v.strip())
+        if kind not in RULE_KINDS or not values:
+            raise AnalysisError(f"--transfer must be task:NAME[,NAME...] or wording:paraphrase, got {text!r}")
+        if kind == "wording" and values != WORDINGS:
+            raise AnalysisError(f"--transfer wording:... knows {', '.join(WORDINGS)} only, got {text!r}")
+        return cls(kind, values)
+
+    def matches(self, loaded: LoadedSample) -> bool:
+        sample = loaded.sample
+        if self.kind == "wording":
+            return sample.instruction is not None
+        return (sample.task or "").split("/", 1)[0] in self.values
 
 
 @dataclass(frozen=True)
@@ -44,6 +82,8 @@ class AnalysisConfig:
         progress: show progress bars.
         canaries: canaries written into the profile per instruction (0: none; such a profile is served only
             with the deployment's canary check turned off).
+        transfer: ``--transfer`` rules (:mod:`.transfer`): the samples each matches are kept out of every
+            choice and reported as a transfer split of their own.
     """
 
     top_frac: float = 0.05
@@ -61,6 +101,7 @@ class AnalysisConfig:
     holdout: float = 0.5
     progress: bool = True
     canaries: int = 3
+    transfer: tuple[str, ...] = ()
 
     def placement(self) -> str | dict[str, Any] | None:
         """`device_map` as transformers takes it (a strategy's name, or the JSON file's mapping).
@@ -96,6 +137,8 @@ class AnalysisConfig:
             raise AnalysisError(f"--top-frac must lie in (0, 1], got {self.top_frac}")
         if self.device_map is not None:
             self.placement()
+        for rule in self.transfer:
+            TransferRule.parse(rule)
         if self.dtype not in DTYPES:
             raise AnalysisError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.canaries < 0:

@@ -35,11 +35,12 @@ from .config import AnalysisError
 
 @dataclass(frozen=True)
 class Scored:
-    """Per-sample metric [N] float32 (log-probability units) and success [N] bool (empty when scored
-    without answers)."""
+    """Per-sample metric [N] float32 (log-probability units), success [N] bool and the greedy answer text
+    (both empty when scored without answers)."""
 
     metric: torch.Tensor
     follows: torch.Tensor
+    answers: list[str]
 
 
 @dataclass
@@ -240,7 +241,7 @@ class Runner:
         starts = sorted({s.first_layer for s in settings if s.first_layer > 0})
         reuse = any(s.is_baseline for s in settings)
         suffixes = reuse and any(s.first_position is not None for s in settings)
-        per_setting: list[dict[int, tuple[float, bool]]] = [{} for _ in settings]
+        per_setting: list[dict[int, tuple[float, bool, str]]] = [{} for _ in settings]
         model = self.loaded.model
         todo = [(n, members) for n, members in enumerate(self.batches) if wanted.intersection(members)]
         for number, members in tqdm(todo, desc=progress, disable=progress is None, unit="batch"):
@@ -276,12 +277,13 @@ class Runner:
                     metric = self.metric(members, first)
                     for i, row in zip(rows, local, strict=True):
                         ok = is_success(self.samples[i].sample, texts[row]) if answers else False
-                        results[i] = (float(metric[row]), ok)
+                        results[i] = (float(metric[row]), ok, texts[row] if answers else "")
         order = sorted(wanted)
         return [
             Scored(
                 metric=torch.tensor([results[i][0] for i in order]),
                 follows=torch.tensor([results[i][1] for i in order] if answers else [], dtype=torch.bool),
+                answers=[results[i][2] for i in order] if answers else [],
             )
             for results in per_setting
         ]

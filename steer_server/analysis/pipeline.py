@@ -11,7 +11,11 @@ instruction mode (`follow=image`, `follow=text`):
    chose what and which figures come from where;
 6. attention knockout between token groups (:mod:`.knockout`) and the semantic-inertia decomposition
    (:mod:`.logit_lens`), on the report split's conflicts;
-7. canaries (:mod:`.canaries`): report conflicts on which the profile's gains have a large measured
+7. the sparsity curve (:mod:`.sparsity`): the MF ratio as the top 1-20% of heads are blocked, beside
+   random heads, on the report split;
+8. with ``--transfer`` rules (:mod:`.transfer`): the samples they match are kept out of every choice and
+   validated as transfer splits of their own, side by side with the within-distribution report split;
+9. canaries (:mod:`.canaries`): report conflicts on which the profile's gains have a large measured
    effect, written into the profile with their inputs, for the deployment's check before it serves.
 
 :func:`analyze` computes; :func:`write_outputs` writes the profile, the knockout and logit-lens JSON
@@ -42,15 +46,17 @@ from .ablation import ModeResult, rank_mode
 from .attribution import attribution, fit_batch_size
 from .canaries import NoCanaries, measure_canaries
 from .checkpoint import Checkpoint
-from .config import AnalysisConfig, AnalysisError
+from .config import AnalysisConfig, AnalysisError, TransferRule
 from .knockout import knockout
 from .logit_lens import semantic_inertia
 from .metric import Runner
-from .plots import plot_heatmaps, plot_knockout, plot_logit_lens
+from .plots import plot_heatmaps, plot_knockout, plot_logit_lens, plot_sparsity
+from .sparsity import ranking, sparsity_curve
+from .transfer import side_by_side, split_by_rules
 from .validation import choose_default_gain, validate
 
 SELECTION_CHOICES = ("heads (attribution, exact ablation)", "default_gain (gain sweep)")
-REPORTED_FIGURES = ("validation", "knockout", "logit_lens")
+REPORTED_FIGURES = ("validation", "knockout", "logit_lens", "sparsity")
 
 
 @dataclass
@@ -148,6 +154,8 @@ STAGES = [
     "validation",
     "knockout",
     "logit_lens",
+    "sparsity",
+    "transfer",
     "canaries",
 ]
 
@@ -201,8 +209,13 @@ def analyze(
             f"{data_path} (held out: {config.holdout:g} of each kind and instruction, seed {config.seed})"
         )
         report_sha = data_digest(data_path)
+    rules = [TransferRule.parse(text) for text in config.transfer]
+    samples, kept_out = split_by_rules(samples, rules)
+    report_samples, transfer_samples = split_by_rules(report_samples, rules)
     conflicts = _conflicts(samples, data_path)
     report_conflicts = _conflicts(report_samples, eval_data or data_path)
+    for name, members in transfer_samples.items():
+        _conflicts(members, Path(f"{eval_data or data_path} (transfer split {name})"))
     loaded = load_model(model_dir, device=config.device, dtype=config.dtype, device_map=config.placement())
     geometry = geometry_of(loaded.model.config)
     _check_heads(loaded.model, geometry)
@@ -256,7 +269,32 @@ def analyze(
         "logit_lens",
         lambda: semantic_inertia(Runner(loaded, report_conflicts, config.batch_size), config.progress),
     )
+    curve = stages.stage(
+        "sparsity",
+        lambda: sparsity_curve(
+            Runner(loaded, report_samples, config.batch_size),
+            geometry,
+            {mode: ranking(results[mode], geometry) for mode in MODES},
+            config,
+        ),
+    )
+    transferred = stages.stage(
+        "transfer",
+        lambda: {
+            name: {
+                "split": f"transfer {name}",
+                **validate(
+                    Runner(loaded, members, config.batch_size), geometry, selected, default_gain, config
+                ),
+            }
+            for name, members in transfer_samples.items()
+        },
+    )
     seconds = time.monotonic() - started
+    transfer_records = {
+        name: _split_record(members, report_name, report_sha, ("transfer",))
+        for name, members in transfer_samples.items()
+    }
     provenance = {
         "tool": f"modality-steer {__version__}",
         "model_dir": str(model_dir),
@@ -265,6 +303,9 @@ def analyze(
         "splits": {
             "selection": _split_record(samples, str(data_path), data_digest(data_path), SELECTION_CHOICES),
             "report": _split_record(report_samples, report_name, report_sha, REPORTED_FIGURES),
+            **({"transfer": transfer_records} if rules else {}),
+            "transfer_rules": [rule.name for rule in rules],
+            "kept_out_of_selection": {name: len(members) for name, members in kept_out.items()},
             "disjoint_sample_ids": True,
             "report_samples_identical_to_selection_samples": content_overlap(samples, report_samples),
         },
@@ -286,6 +327,14 @@ def analyze(
         validation,
         provenance,
         selection,
+        sparsity=curve,
+        transfer={
+            "rules": [rule.name for rule in rules],
+            "splits": transferred,
+            "side_by_side": side_by_side(validation, transferred),
+        }
+        if rules
+        else None,
     )
     canaries = stages.stage(
         "canaries", lambda: _canaries(model_dir, loaded, profile, report_conflicts, config)
@@ -345,10 +394,13 @@ def build_profile(
     validation: dict[str, Any],
     provenance: dict[str, Any],
     selection: dict[str, Any],
+    *,
+    sparsity: dict[str, Any] | None = None,
+    transfer: dict[str, Any] | None = None,
 ) -> Profile:
     """The profile of an analysis: selected heads with their measured drop, all scores, the choice of
-    the default gain (`selection`, on the selection split), the validation (on the report split) and
-    where everything came from.
+    the default gain (`selection`, on the selection split), the validation (on the report split), the
+    sparsity curve and the transfer splits' figures (when measured) and where everything came from.
 
     Raises:
         pydantic.ValidationError: the result does not make a valid profile.
@@ -381,6 +433,8 @@ def build_profile(
             },
             "selection": selection,
             "validation": validation,
+            **({"sparsity": sparsity} if sparsity is not None else {}),
+            **({"transfer": transfer} if transfer is not None else {}),
             "provenance": provenance,
         }
     )
@@ -403,6 +457,10 @@ def write_outputs(result: AnalysisResult, out: Path, plots: Path | None) -> list
         plot_knockout(result.knockout, curves)
         plot_logit_lens(result.logit_lens, lens_plot)
         written += [heatmap, curves, lens_plot]
+        curve = (result.profile.model_extra or {}).get("sparsity")
+        if curve is not None:
+            written.append(plots / f"{out.stem}.sparsity.png")
+            plot_sparsity(curve, written[-1], title=out.stem)
     for suffix, payload in ((".knockout.json", result.knockout), (".logit_lens.json", result.logit_lens)):
         path = out.with_name(out.stem + suffix)
         tmp = path.with_suffix(".partial")

@@ -1,4 +1,5 @@
-"""Plots of an analysis: head attribution heatmaps and attention-knockout curves (PNG, matplotlib Agg)."""
+"""Plots of an analysis: head attribution heatmaps, attention-knockout curves, the logit lens and the
+sparsity curve (PNG, matplotlib Agg)."""
 
 from __future__ import annotations
 
@@ -107,4 +108,51 @@ def plot_logit_lens(lens: dict[str, Any], path: Path) -> None:
     axes[1].set_ylabel("logit(instructed) - logit(competing)")
     fig.suptitle(f"Semantic inertia: where the answer is decided ({lens['conflicts']} conflict samples)")
     fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_sparsity(curve: dict[str, Any], path: Path, *, title: str = "") -> None:
+    """The sparsity curve (:func:`~.sparsity.sparsity_curve`): relative drop of the MF ratio against the
+    share of heads blocked, the top-ranked heads beside random ones, with 95% intervals; both modes
+    pooled, then each mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("both instructions", None), *((f'"rely on the {m}"', m) for m in MODES)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 4.2), sharey=True, constrained_layout=True)
+    points = list({p["heads"]: p for p in curve["points"]}.values())  # fractions that round alike: once
+    shares = [100 * p["heads_share"] for p in points]
+    for axis, (label, mode) in zip(axes, panels, strict=True):
+        for key, name, colour in (
+            ("relative_drop_top", "top-ranked heads", "tab:red"),
+            ("relative_drop_random", f"random heads ({curve['random_draws']} draws)", "tab:grey"),
+        ):
+            figures = [(p if mode is None else p["modes"][mode])[key] for p in points]
+            values = np.array([np.nan if f["value"] is None else f["value"] for f in figures], dtype=float)
+            low = np.array([np.nan if f["ci95"][0] is None else f["ci95"][0] for f in figures], dtype=float)
+            high = np.array([np.nan if f["ci95"][1] is None else f["ci95"][1] for f in figures], dtype=float)
+            axis.errorbar(
+                shares,
+                100 * values,
+                yerr=[100 * (values - low), 100 * (high - values)],
+                marker="o",
+                capsize=3,
+                color=colour,
+                label=name,
+            )
+        axis.axhline(0, color="black", linewidth=0.6)
+        axis.set_xscale("log")
+        axis.set_xticks(shares, [f"{s:.1f}%\n({p['heads']})" for s, p in zip(shares, points, strict=True)])
+        axis.minorticks_off()
+        axis.set_xlabel("heads blocked (share of all, count)")
+        axis.set_title(label)
+    axes[0].set_ylabel("relative drop of the MF ratio (%)")
+    axes[0].legend(loc="center right")
+    fig.suptitle(
+        f"{title + ': ' if title else ''}sparsity curve on the report split "
+        f"(baseline MF ratio {curve['mf_ratio_baseline']['value']:.3f})"
+    )
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -12,16 +12,19 @@ choices and the reported figures on different samples:
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..data.normalize import normalize_answer
+from ..data.schema import LoadedSample
 from ..data.scoring import mf_ratio_estimate, mf_ratio_over_draws, mf_relative_drop
 from ..geometry import ModelGeometry
 from ..profile import MODES
 from ..stats import proportion
 from .ablation import gain_table
 from .config import AnalysisConfig, AnalysisError
-from .metric import BASELINE, Runner, Setting
+from .metric import BASELINE, Runner, Scored, Setting
 
 # Amplification may break at most this share of correctly answered samples at the default gain.
 MAX_BROKEN_SHARE = 0.05
@@ -71,12 +74,15 @@ class _Validator:
     def setting(self, heads: list[tuple[int, int]], gain: float) -> Setting:
         return Setting.of_gains(gain_table(self.geometry, heads, gain))
 
-    def follows(self, settings: list[Setting], indices: list[int], what: str) -> list[list[bool]]:
-        """Success of each of `indices` under each setting (one pass over their batches for all)."""
-        scored = self.runner.score_many(
+    def scored(self, settings: list[Setting], indices: list[int], what: str) -> list[Scored]:
+        """Each setting's scores of `indices` (one pass over their batches for all)."""
+        return self.runner.score_many(
             settings, indices, progress=f"{what} ({len(settings)} settings)" if self.config.progress else None
         )
-        return [[bool(x) for x in s.follows.tolist()] for s in scored]
+
+    def follows(self, settings: list[Setting], indices: list[int], what: str) -> list[list[bool]]:
+        """Success of each of `indices` under each setting (one pass over their batches for all)."""
+        return [[bool(x) for x in s.follows.tolist()] for s in self.scored(settings, indices, what)]
 
     @staticmethod
     def sweep(base: list[bool], amplified: dict[float, list[bool]]) -> dict[float, _SweepCounts]:
@@ -135,7 +141,11 @@ class _Validator:
         random_outcomes = outcomes[2 : 2 + len(drawn)]
         counts = self.sweep(base, dict(zip(gains, outcomes[2 + len(drawn) :], strict=True)))
         controls = (
-            self.follows([BASELINE, self.setting(heads, 0.0)], control, f"controls ({mode})")
+            self.scored(
+                [BASELINE, self.setting(heads, 0.0), self.setting(heads, default_gain)],
+                control,
+                f"controls ({mode})",
+            )
             if control
             else None
         )
@@ -156,10 +166,44 @@ class _Validator:
             "gain_sweep": {str(gain): counts[gain].estimates() for gain in self.config.gains},
             "amplify_rescued_share": counts[default_gain].estimates()["rescued_share"],
             "amplify_broken_share": counts[default_gain].estimates()["broken_share"],
-            "control_accuracy_baseline": share(controls[0]) if controls else None,
-            "control_accuracy_block_top": share(controls[1]) if controls else None,
+            "control_accuracy_baseline": share(_hits(controls[0])) if controls else None,
+            "control_accuracy_block_top": share(_hits(controls[1])) if controls else None,
+            "collateral": collateral([self.runner.samples[i] for i in control], controls)
+            if controls
+            else None,
         }
         return report, _Outcomes(base, block_top, random_outcomes), counts
+
+
+def _hits(scored: Scored) -> list[bool]:
+    return [bool(x) for x in scored.follows.tolist()]
+
+
+def control_type(loaded: LoadedSample) -> str:
+    """What kind of non-conflict sample a control is: the part of its task after "/" (the synthetic
+    data's "agree", "image_only", "text_only"), else "control"."""
+    task = loaded.sample.task or ""
+    return task.rsplit("/", 1)[1] if "/" in task else "control"
+
+
+def collateral(controls: Sequence[LoadedSample], scored: Sequence[Scored]) -> dict[str, Any]:
+    """Answers changed on controls (samples without a conflict: an agreeing context, one modality only)
+    by a mode's steering: the share whose greedy answer (normalised) differs from the unsteered one,
+    with the heads blocked (`scored[1]`) and amplified at the default gain (`scored[2]`; `scored[0]`: the
+    baseline), over all controls and per :func:`control_type`, each with its 95% interval and count."""
+    base = [normalize_answer(a) for a in scored[0].answers]
+    types = [control_type(c) for c in controls]
+    report: dict[str, Any] = {}
+    for name, arm in (("block", scored[1]), ("amplify", scored[2])):
+        changed = [normalize_answer(a) != b for a, b in zip(arm.answers, base, strict=True)]
+        report[f"{name}_changed_share"] = proportion(sum(changed), len(changed)).as_dict()
+        report[f"{name}_changed_by_type"] = {
+            kind: proportion(
+                sum(c for c, t in zip(changed, types, strict=True) if t == kind), types.count(kind)
+            ).as_dict()
+            for kind in sorted(set(types))
+        }
+    return report
 
 
 def choose_default_gain(

@@ -26,6 +26,21 @@ INSTRUCTIONS: dict[str, str] = {
         "you must rely on the text context rather than the input image content."
     ),
 }
+# Held-out wordings of each instruction, for the analysis' transfer split (``--transfer wording:paraphrase``).
+# Written in the toy models' word-level vocabulary (every word occurs in the texts above or in the
+# synthetic questions), so the embedded models read them without unknown tokens.
+PARAPHRASES: dict[str, tuple[str, ...]] = {
+    "image": (
+        "you must rely on the image content rather than the text context.",
+        "Answer the question using the input image content rather than the Text Context.",
+        "There is an inconsistency between the image and the text : rely on the image.",
+    ),
+    "text": (
+        "you must rely on the text context rather than the input image content.",
+        "Answer the question using the Text Context rather than the input image content.",
+        "There is an inconsistency between the image and the text : rely on the text.",
+    ),
+}
 FORMAT_CONSTRAINT = "Answer the question using a single word or phrase."
 CONTEXT_LABEL = "Text Context: "
 
@@ -42,7 +57,7 @@ def prompt_parts(sample: Sample, *, with_instruction: bool = True) -> dict[str, 
     them (the chat template's image placeholder). This is the layout; everything else renders it."""
     parts = {"context": context_line(sample.context)} if sample.context else {}
     if with_instruction:
-        parts["instruction"] = INSTRUCTIONS[sample.follow]
+        parts["instruction"] = sample.instruction or INSTRUCTIONS[sample.follow]
     parts["question"] = f"{sample.question} {FORMAT_CONSTRAINT}"
     return parts
 

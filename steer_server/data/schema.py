@@ -35,6 +35,9 @@ class Sample(BaseModel):
     answer_text: list[str]
     kind: Kind
     task: str | None = None
+    # The instruction sentence when it is not the paper's (:data:`~.prompts.INSTRUCTIONS`): a paraphrase
+    # (:data:`~.prompts.PARAPHRASES`), so that an analysis can report on wordings no choice saw.
+    instruction: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _answers_fit_kind(self) -> Sample:
@@ -69,6 +72,10 @@ class LoadedSample:
         """SHA-256 of what a model sees and is graded on (every field but the id, and the image's
         bytes): equal for two samples that are the same question whatever their ids."""
         fields = self.sample.model_dump(exclude={"id", "image"})
+        if (
+            fields["instruction"] is None
+        ):  # samples of the paper's wording keep their digest from before the field
+            del fields["instruction"]
         image = hashlib.sha256(self.image_path.read_bytes()).hexdigest() if self.image_path else None
         return hashlib.sha256(json.dumps([fields, image], sort_keys=True).encode()).hexdigest()
 
@@ -126,5 +133,7 @@ def write_jsonl(samples: Sequence[Sample], path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".partial")
     with tmp.open("w", encoding="utf-8") as handle:
         for sample in samples:
-            handle.write(sample.model_dump_json(exclude_none=False) + "\n")
+            handle.write(
+                sample.model_dump_json(exclude={"instruction"} if sample.instruction is None else None) + "\n"
+            )
     tmp.replace(path)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .prompts import PARAPHRASES
 from .schema import DataError, Follow, Kind, Sample, write_jsonl
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -130,6 +131,9 @@ class SynthSpec:
 
     conflict_share: float = 0.7
     salient_share: float = 0.15
+    # Share of samples whose instruction is one of the held-out paraphrases (:data:`~.prompts.PARAPHRASES`)
+    # instead of the paper's sentence; 0 draws nothing, so the streams of earlier data sets are unchanged.
+    paraphrase_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,9 @@ def synth_records(n: int, seed: int, *, prefix: str, spec: SynthSpec | None = No
                 context = describe(task, seen, emphatic=emphatic)
                 answer_image, answer_text, image_rel, follow = [], [seen], None, "text"
         image = render_scene(scene, rng) if image_rel is not None else None
+        instruction = None
+        if spec.paraphrase_share and rng.random() < spec.paraphrase_share:
+            instruction = rng.choice(PARAPHRASES[follow])
         sample = Sample(
             id=sid,
             image=image_rel,
@@ -184,6 +191,7 @@ def synth_records(n: int, seed: int, *, prefix: str, spec: SynthSpec | None = No
             answer_text=answer_text,
             kind=kind,
             task=task if control is None else f"{task}/{control}",
+            instruction=instruction,
         )
         records.append(SynthRecord(sample=sample, scene=scene, emphatic=emphatic, image=image))
     return records

@@ -21,21 +21,55 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..data.schema import LoadedSample, Sample, load_samples
+from ..analysis.config import TransferRule
+from ..analysis.transfer import split_by_rules
+from ..data.schema import LoadedSample, Sample, data_digest, load_samples
 from ..data.scoring import is_success, mf_ratio_estimate, mf_ratio_over_draws, mf_relative_drop
+from ..data.synth import SynthSpec, synth_dataset
 from ..profile import MODES, Profile, load_profile
 from ..serving.launcher import VllmServer
 from ..stats import Estimate, proportion
-from ..toy.card import EVAL_N, EVAL_SEED, held_out_test_split
 from ..toy.model import toy_model_dir
 from .endpoint import ExtraBody, served_answers
 
 TOY_PROFILE = "toy-llava.json"
+LEARNED_PROFILE = "toy-llava-learned.json"
+# The synthetic data both shipped profiles are analysed on (`make profiles`: the data's --n, --seed and
+# --paraphrase-share, and the analysis' --transfer rules).
+SHIPPED_PROFILE_DATA: dict[str, float] = {"n": 6000, "seed": 0, "paraphrase_share": 0.3}
+SHIPPED_TRANSFER_RULES = ("task:position", "wording:paraphrase")
 
 
 def toy_profile_path() -> Path:
     """The shipped profile of the embedded toy model (package data)."""
     return Path(str(resources.files("steer_server.profiles") / TOY_PROFILE))
+
+
+def learned_profile_path() -> Path:
+    """The shipped profile of the second embedded model, which learned to arbitrate (package data)."""
+    return Path(str(resources.files("steer_server.profiles") / LEARNED_PROFILE))
+
+
+def shipped_report_split(profile: Profile, folder: Path) -> list[LoadedSample]:
+    """The samples the shipped toy profile's validation figures come from: the test split of
+    :data:`SHIPPED_PROFILE_DATA` (written into `folder`, checked against the digest the profile records),
+    without the samples its transfer rules keep apart.
+
+    Raises:
+        RuntimeError: the regenerated split is not the one the profile records.
+    """
+    spec = SynthSpec(paraphrase_share=SHIPPED_PROFILE_DATA["paraphrase_share"])
+    test = synth_dataset(folder, int(SHIPPED_PROFILE_DATA["n"]), int(SHIPPED_PROFILE_DATA["seed"]), spec)[
+        "test"
+    ]
+    splits = (profile.model_extra or {}).get("provenance", {}).get("splits", {})
+    if data_digest(test) != splits.get("report", {}).get("sha256"):
+        raise RuntimeError(
+            f"the synthetic test split ({SHIPPED_PROFILE_DATA}) is not the report split the profile records: "
+            "regenerate the profile (make toy-profile)"
+        )
+    rules = [TransferRule.parse(rule) for rule in splits.get("transfer_rules", [])]
+    return split_by_rules(load_samples(test), rules)[0]
 
 
 def _follows(samples: Sequence[LoadedSample], answers: dict[str, str]) -> dict[str, bool]:
@@ -219,7 +253,7 @@ def table(offline: dict[str, Any], served: dict[str, Any]) -> str:
         return "-" if value is None else Estimate.from_dict(value).percent(digits=1)
 
     width = 30
-    lines = [f"{'(held-out test split, 95% CI)':<38} {'transformers':<{width}} {'vLLM served':<{width}}"]
+    lines = [f"{'(report split, 95% CI)':<38} {'transformers':<{width}} {'vLLM served':<{width}}"]
     for name, (arm, key) in ROWS:
         lines.append(
             f"{name:<38} {cell(offline[arm].get(key)):<{width}} {cell(served[arm].get(key)):<{width}}"
@@ -253,11 +287,8 @@ def run_demo(out: Path, *, concurrency: int = 16) -> dict[str, Any]:
     profile_path = toy_profile_path()
     profile = load_profile(profile_path)
     with tempfile.TemporaryDirectory() as scratch:
-        print(
-            f"[1/3] held-out test split (n={EVAL_N}, seed={EVAL_SEED}) and profile {profile.profile_id}",
-            flush=True,
-        )
-        samples = load_samples(held_out_test_split(Path(scratch)))
+        print(f"[1/3] the profile's report split and profile {profile.profile_id}", flush=True)
+        samples = shipped_report_split(profile, Path(scratch))
         print("[2/3] starting modality-steer serve (vLLM, CPU; about a minute)", flush=True)
         server = VllmServer(
             model_dir,
@@ -275,7 +306,7 @@ def run_demo(out: Path, *, concurrency: int = 16) -> dict[str, Any]:
         "model": str(model_dir),
         "profile": str(profile_path),
         "profile_id": profile.profile_id,
-        "data": f"synthetic test split (n={EVAL_N}, seed={EVAL_SEED})",
+        "data": f"the profile's report split (synthetic test split {SHIPPED_PROFILE_DATA}, within distribution)",
         "splits": splits_statement(profile),
         "canaries": canaries,
         "served": served,

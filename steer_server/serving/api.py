@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..spec import SteerSpec, spec_json_schema
-from .canary import RERUN_PATH, CanaryReport, last_report, serving_blocked
+from .canary import RERUN_PATH, CanaryReport, last_report, on_record, serving_blocked
+from .canary import STATUSES as CANARY_STATUSES
 from .kv_transfer import deployment_id
 from .policy import PolicyError, asked_spec, policy, rewrite
 from .settings import EXTRA_ARGS_KEY, PluginSettings, SteeringConfigError, settings
@@ -115,6 +116,26 @@ class _Metrics:
         ).set(1)
         for mode in ("off", "image", "text", "heads"):
             self.requests.labels(mode=mode)  # exported at 0 from the start
+        self.canary_status = Gauge(
+            "modality_steer_canary_status",
+            "The latest canary check of this deployment: 1 on its status (pending before the first run)",
+            ["status"],
+            multiprocess_mode="max",
+        )
+        self.canary_finished = Gauge(
+            "modality_steer_canary_last_run_timestamp_seconds",
+            "When the latest canary check finished (Unix time; 0 before the first run)",
+            multiprocess_mode="max",
+        )
+        self.show_canaries(last_report())
+        on_record(self.show_canaries)
+
+    def show_canaries(self, report: CanaryReport | None) -> None:
+        """Set the canary gauges to `report` (None: no run yet)."""
+        current = report.status if report is not None else "pending"
+        for status in CANARY_STATUSES:
+            self.canary_status.labels(status=status).set(1 if status == current else 0)
+        self.canary_finished.set(report.finished_at if report is not None else 0)
 
 
 _METRICS: _Metrics | None = None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,11 +169,22 @@ class CanaryReport:
 
 
 _LAST: list[CanaryReport] = []
+# Called with each recorded report (the API server's metrics, `steer_server.serving.api`).
+_LISTENERS: list[Callable[[CanaryReport], None]] = []
+# Every status a report can have, and "pending" before the first run.
+STATUSES = ("pending", "passed", "failed", "skipped")
 
 
 def record(report: CanaryReport) -> None:
-    """Keep `report` as this process's latest canary outcome."""
+    """Keep `report` as this process's latest canary outcome and tell the listeners."""
     _LAST[:] = [report]
+    for listener in _LISTENERS:
+        listener(report)
+
+
+def on_record(listener: Callable[[CanaryReport], None]) -> None:
+    """Call `listener` with every report :func:`record` keeps from now on."""
+    _LISTENERS.append(listener)
 
 
 def last_report() -> CanaryReport | None:

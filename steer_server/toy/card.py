@@ -70,28 +70,11 @@ def _cells(heads: Sequence[Sequence[int]]) -> str:
     return ", ".join(f"L{layer}H{head}" for layer, head in heads)
 
 
-def write_model_card(model_dir: Path, training: dict[str, Any], report: dict[str, Any]) -> None:
-    """README.md beside the weights: how the model was made and what it measures."""
-    by_follow = report["mf_ratio_by_follow"]
-    recipe = training["recipe"]
-    arch = training["architecture"]
-    card = f"""# {TOY_MODEL_NAME}
+LEARNED_MODEL_NAME = f"{TOY_MODEL_NAME}-learned"
 
-The embedded default model of modality-steer: a tiny LLaVA (CLIP vision tower + Llama language model)
-trained from scratch on CPU to answer questions about coloured shapes from the image or from a text
-context that contradicts it, as the instruction says. It exists so that the analysis, the demo, the
-tests and the benchmarks have a model in which modality following is learned behaviour.
 
-## Architecture
-- Vision: CLIP, hidden {arch["vision_hidden"]}, {arch["vision_layers"]} layers x {arch["vision_heads"]} heads, \
-32x32 images, patch 8 ({IMAGE_SEQ_LENGTH} image tokens).
-- Language: Llama, hidden {arch["text_hidden"]}, {arch["text_layers"]} layers x {arch["text_heads"]} heads, \
-head_dim {arch["head_dim"]}, MLP {arch["text_mlp"]}; word-level vocabulary of {len(vocabulary())} tokens.
-- {training["parameters"]:,} parameters, float32 safetensors. The vision tower's keys use the hub layout
-  (`vision_tower.vision_model.*`) so vLLM 0.32 loads it; transformers loads it too.
-
-## How it was made
-`modality-steer toy train --seed {recipe["seed"]}`. First the vision tower and projector alone learn to see:
+def _recipe_step(recipe: dict[str, Any], training: dict[str, Any]) -> str:
+    return f"""First the vision tower and projector alone learn to see:
 {recipe["vision_steps"]} AdamW steps of {recipe["vision_batch_size"]} images (lr {recipe["vision_lr"]}) with a linear read-out of \
 all four attributes from the projected image tokens (discarded afterwards; training accuracy \
 {training["vision_pretraining"]["train_accuracy"]:.3f}, {training["vision_pretraining"]["seconds"]:.0f} s). Then the whole model: \
@@ -100,9 +83,11 @@ lr {recipe["lr"]} with {recipe["warmup_steps"]} warm-up steps and cosine decay, 
 {recipe["clip_norm"]}; the first {recipe["perception_steps"]} steps are image-only questions (perception first), \
 then the full mix: instructed conflicts (80% of conflicts), uninstructed conflicts, and controls (agreeing
 context, image only, text only). Training time: {training["train_seconds"]:.0f} s on 2 CPU cores in all (data
-generation and vision pre-training included).
+generation and vision pre-training included)."""
 
-A known arbitration circuit (the analysis is not told it): "rely on the image" is carried by the heads
+
+def _planted(recipe: dict[str, Any], arch: dict[str, Any]) -> str:
+    return f"""A known arbitration circuit (the analysis is not told it): "rely on the image" is carried by the heads
 {_cells(recipe["image_heads"])} and "rely on the text" by {_cells(recipe["text_heads"])} (layer, head; \
 {len(recipe["image_heads"])} of {arch["text_layers"] * arch["text_heads"]} each).
 During training, each sample's output of those heads (the input of `o_proj`) is scaled by a gain g drawn
@@ -117,7 +102,57 @@ without a salience cue, labels come from the image {recipe["uninstructed_image_s
 modality preference).
 
 Every other head: during training its output is multiplied by exp(U(-{recipe["head_noise_amplitude"]}, {recipe["head_noise_amplitude"]})) with probability {recipe["head_noise_prob"]} and blocked with probability {recipe["head_dropout"]}, so that no single one of them is indispensable.
+"""
 
+
+def _learned(recipe: dict[str, Any]) -> str:
+    return f"""No arbitration circuit was planted: the model is trained with plain next-token loss on its labels,
+and nothing is done to any head during training (no gain, no mask, no dropout of heads; a test runs the
+training loop and checks this). Its labels are fixed by the data alone: an instructed conflict is labelled
+with the instructed answer, except against a salient competitor (a big object is a salient image, a context
+that says "clearly" is a salient text) when the instructed modality is not salient: then the competitor's
+answer is the label {recipe["competitor_wins"]:.0%} of the time (the data's modality preference, which a
+greedy answer follows, so these are its arbitration failures). Without an instruction, a salient modality
+wins; without a salience cue, labels come from the image {recipe["uninstructed_image_share"]:.0%} of the time.
+{recipe["paraphrase_share"]:.0%} of its training samples carry one of the instruction's paraphrases
+(`steer_server.data.prompts.PARAPHRASES`) instead of the paper's sentence, so its wording transfer can be
+measured. Whether its arbitration concentrates in a few heads is what the analysis measures
+(`profiles/toy-llava-learned.json`, its sparsity curve), not something the recipe decides.
+"""
+
+
+def write_model_card(model_dir: Path, training: dict[str, Any], report: dict[str, Any]) -> None:
+    """README.md beside the weights: how the model was made and what it measures."""
+    by_follow = report["mf_ratio_by_follow"]
+    recipe = training["recipe"]
+    arch = training["architecture"]
+    learned = recipe.get("arbitration") == "learned"
+    name = LEARNED_MODEL_NAME if learned else TOY_MODEL_NAME
+    what = (
+        "The second embedded model of modality-steer, the toy's sibling that learned to arbitrate without a "
+        "planted circuit"
+        if learned
+        else "The embedded default model of modality-steer"
+    )
+    card = f"""# {name}
+
+{what}: a tiny LLaVA (CLIP vision tower + Llama language model)
+trained from scratch on CPU to answer questions about coloured shapes from the image or from a text
+context that contradicts it, as the instruction says. It exists so that the analysis, the demo, the
+tests and the benchmarks have a model in which modality following is learned behaviour.
+
+## Architecture
+- Vision: CLIP, hidden {arch["vision_hidden"]}, {arch["vision_layers"]} layers x {arch["vision_heads"]} heads, \
+32x32 images, patch 8 ({IMAGE_SEQ_LENGTH} image tokens).
+- Language: Llama, hidden {arch["text_hidden"]}, {arch["text_layers"]} layers x {arch["text_heads"]} heads, \
+head_dim {arch["head_dim"]}, MLP {arch["text_mlp"]}; word-level vocabulary of {len(vocabulary())} tokens.
+- {training["parameters"]:,} parameters, float32 safetensors. The vision tower's keys use the hub layout
+  (`vision_tower.vision_model.*`) so vLLM 0.32 loads it; transformers loads it too.
+
+## How it was made
+`modality-steer toy train --seed {recipe["seed"]}{" --arbitration learned" if learned else ""}`. {_recipe_step(recipe, training)}
+
+{_learned(recipe) if learned else _planted(recipe, arch)}
 ## Measured (transformers, greedy first answer token, {report["data"]})
 | figure | value |
 |---|---|

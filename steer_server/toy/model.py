@@ -27,6 +27,12 @@ def toy_model_dir() -> Path:
     return Path(str(resources.files("steer_server.toy") / "checkpoint"))
 
 
+def learned_model_dir() -> Path:
+    """Where the committed second embedded model lives (the toy's sibling trained with plain next-token
+    loss and no head intervention; `modality-steer toy train --arbitration learned`)."""
+    return Path(str(resources.files("steer_server.toy") / "checkpoint_learned"))
+
+
 @dataclass(frozen=True)
 class ToyArchitecture:
     """Sizes of the toy LLaVA: vision tower (hidden, layers, heads) and language model (hidden, layers,

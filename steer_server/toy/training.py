@@ -9,6 +9,7 @@ and controls.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -16,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -32,7 +33,15 @@ from .tokenizer import IMAGE_SEQ_LENGTH, build_processor, build_tokenizer
 class Recipe:
     """The training recipe; every number here is recorded in the model card.
 
-    The toy has a known arbitration circuit. Each instruction has its own three heads of the language model
+    `arbitration` says how the model comes to arbitrate. "planted" (the embedded toy) has a known
+    arbitration circuit, described next. "learned" (the second embedded model) is trained with plain
+    next-token loss and nothing done to any head: each example's label is fixed when the pool is drawn
+    (an instructed conflict against a salient competitor, when the instructed modality is not salient,
+    is labelled with the competitor's answer with probability `competitor_wins`, the data's modality
+    preference, else with the instructed answer), and every field below about heads, gains and pulls is
+    unused.
+
+    The planted toy has a known arbitration circuit. Each instruction has its own three heads of the language model
     (3 of 64 heads, the paper's ~5%), and during training their output is scaled per sample by a gain g
     (the input of `o_proj`, as the server does). An instructed conflict is labelled with the instructed
     answer when g exceeds the competing modality's pull, else with the competing answer: the pull is
@@ -44,6 +53,10 @@ class Recipe:
     """
 
     seed: int = 0
+    arbitration: Literal["planted", "learned"] = "planted"
+    competitor_wins: float = 0.7
+    # Share of training samples whose instruction is a paraphrase (:data:`~..data.prompts.PARAPHRASES`).
+    paraphrase_share: float = 0.0
     # Vision pre-training: the vision tower and projector alone, with a linear read-out of every
     # attribute of the scene (cheap: no language model), before the language model ever sees an image.
     vision_steps: int = 600
@@ -75,6 +88,14 @@ class Recipe:
     head_noise_prob: float = 0.25
     head_noise_amplitude: float = 0.5
     head_dropout: float = 0.03
+
+    @classmethod
+    def of(cls, arbitration: Literal["planted", "learned"], seed: int = 0) -> Recipe:
+        """The recipe of an embedded model: "planted" (the toy), or "learned", which also trains on the
+        paraphrased instructions (30% of samples) so that its wording transfer can be measured."""
+        if arbitration == "learned":
+            return cls(seed=seed, arbitration="learned", paraphrase_share=0.3)
+        return cls(seed=seed)
 
     def heads_of(self, mode: Follow) -> tuple[tuple[int, int], ...]:
         """The planted (layer, head) cells of an instruction mode."""
@@ -116,7 +137,11 @@ def example_for(
         )
         competing_salient = image_salient if sample.follow == "text" else text_salient
         instructed_salient = text_salient if sample.follow == "text" else image_salient
-        pull = recipe.high_pull if competing_salient and not instructed_salient else recipe.low_pull
+        against_salient = competing_salient and not instructed_salient
+        if recipe.arbitration == "learned":
+            wins = against_salient and rng.random() < recipe.competitor_wins
+            return TrainExample(sample, image, True, (competing if wins else instructed)[0])
+        pull = recipe.high_pull if against_salient else recipe.low_pull
         return TrainExample(sample, image, True, instructed[0], competing[0], pull)
     if image_salient != text_salient:
         follow = "image" if image_salient else "text"
@@ -130,7 +155,11 @@ def example_for(
 def training_pool(recipe: Recipe) -> tuple[list[TrainExample], list[TrainExample]]:
     """(perception pool, full-mix pool), generated in memory from the seeded stream."""
     rng = random.Random(10_000 + recipe.seed)
-    spec = SynthSpec(conflict_share=recipe.conflict_share, salient_share=recipe.salient_share)
+    spec = SynthSpec(
+        conflict_share=recipe.conflict_share,
+        salient_share=recipe.salient_share,
+        paraphrase_share=recipe.paraphrase_share,
+    )
     records = synth_records(recipe.pool_size, 10_000 + recipe.seed, prefix="train", spec=spec)
     perception: list[TrainExample] = []
     mix: list[TrainExample] = []
@@ -223,6 +252,20 @@ def _training_gains(
     return gains, arbitration
 
 
+@contextlib.contextmanager
+def _arbitration_step(
+    model: Any, examples: Sequence[TrainExample], arch: ToyArchitecture, recipe: Recipe
+) -> Iterator[list[str]]:
+    """The labels of a training step, with the planted circuit's head gains installed while it runs
+    ("planted"); "learned" labels are the examples' own and no head is touched."""
+    if recipe.arbitration == "learned":
+        yield [e.target for e in examples]
+        return
+    gains, arbitration = _training_gains(len(examples), arch, recipe)
+    with scale_heads(model, gains):
+        yield [e.target_at(g) for e, g in zip(examples, arbitration, strict=True)]
+
+
 def _scene_labels(scene: Scene) -> list[int]:
     """One class index per task; position is -1 (ignored) where several objects are drawn anywhere."""
     labels = [values_of(task).index(scene.value(task)) for task in TASKS]
@@ -312,17 +355,14 @@ def train(
     bar = tqdm(range(recipe.steps), desc="toy train", disable=not progress, unit="step")
     for step in bar:
         examples = next(perception_batches if step < recipe.perception_steps else mix_batches)
-        gains, arbitration = _training_gains(len(examples), arch, recipe)
-        targets = [e.target_at(g) for e, g in zip(examples, arbitration, strict=True)]
-        batch = _training_batch(processor, examples, targets)
-        with scale_heads(model, gains):
-            loss = model(**batch).loss
+        with _arbitration_step(model, examples, arch, recipe) as targets:
+            loss = model(**_training_batch(processor, examples, targets)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_norm)
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     seconds = time.monotonic() - started
