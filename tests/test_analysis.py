@@ -394,8 +394,11 @@ def test_analysis_end_to_end(tiny_model, small_data, tmp_path):
             top = [tuple(lh) for lh in at["top_heads"]]
             assert top[: min(k, len(top))] == profile.heads(mode)[: len(top)]
             assert len(at["random_heads"]) == 2
+            both_tops = {tuple(lh) for m in ("image", "text") for lh in point["modes"][m]["top_heads"]}
             for drawn in at["random_heads"]:
                 assert len(drawn) == point["heads"] and not {tuple(lh) for lh in drawn} & set(top)
+                if total - len(both_tops) >= point["heads"]:
+                    assert not {tuple(lh) for lh in drawn} & both_tops
             assert at["relative_drop_top"]["n"] == raw["validation"]["modes"][mode]["conflicts"]
 
 
@@ -691,6 +694,15 @@ def test_shipped_profiles_chose_nothing_on_their_reported_splits(shipped_profile
     assert set(raw["transfer"]["side_by_side"]["mf_ratio_baseline"]) == {"within", *SHIPPED_TRANSFER_RULES}
     if which == "learned":
         return  # what the analysis finds on it is reported, not required (README)
+    # The planted circuit (the toy's recipe): each mode's strongest head is a planted one; the image heads
+    # are exactly the planted three (the README says what the text heads are).
+    recipe = json.loads((toy_model_dir() / "training.json").read_text())["recipe"]
+    for mode in ("image", "text"):
+        heads = [(h["layer"], h["head"]) for h in raw["modes"][mode]["heads"]]
+        assert heads[0] in {tuple(cell) for cell in recipe[f"{mode}_heads"]}, (mode, heads)
+    assert {(h["layer"], h["head"]) for h in raw["modes"]["image"]["heads"]} == {
+        tuple(cell) for cell in recipe["image_heads"]
+    }
     # The analysis issue's targets, on the toy's report split.
     assert summary["block_top_relative_drop"]["ci95"][0] >= 0.5, summary
     assert summary["block_random_relative_drop"]["value"] <= 0.1, summary
@@ -814,6 +826,12 @@ def test_transfer_splits_are_kept_out_of_every_choice(tiny_llava, tmp_path_facto
 def test_bad_transfer_rules_are_refused(rule, needle):
     with pytest.raises(AnalysisError, match=needle):
         AnalysisConfig(transfer=(rule,)).check()
+
+
+def test_a_transfer_rule_that_matches_nothing_is_refused_by_name(tiny_llava, small_data):
+    config = AnalysisConfig(progress=False, transfer=("task:colr",))
+    with pytest.raises(AnalysisError, match="--transfer task:colr matches no sample"):
+        analyze(tiny_llava, small_data["train"], config, eval_data=small_data["test"])
 
 
 def test_holdout_split_is_disjoint_stratified_and_seeded(small_data):

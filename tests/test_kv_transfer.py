@@ -27,6 +27,7 @@ import pytest
 from helpers import BASE_ARGS, chat, served_steps, server_state
 
 from steer_server.eval.demo import toy_profile_path
+from steer_server.profile import load_profile
 from steer_server.serving.kv_transfer import (
     ATTESTATION_KEY,
     EC_CONNECTORS,
@@ -166,7 +167,6 @@ def test_every_offloading_backend_becomes_a_classified_connector(monkeypatch, si
 
 @pytest.fixture(scope="module")
 def contract() -> Policy:
-    from steer_server.profile import load_profile
     from steer_server.serving.settings import PluginSettings
     from steer_server.spec import OFF
 
@@ -332,7 +332,9 @@ def test_the_steering_key_folds_the_steering_into_a_token_keyed_connectors_key(m
             request(None, [image]),
             request("off", [image]),
             request("image", []),
-            request('{"follow": "image", "gain": 4.0}', []),
+            request(
+                json.dumps({"follow": "image", "gain": load_profile(toy_profile_path()).default_gain}), []
+            ),
         ]
         before = [r.mm_features for r in requests]
         with hooks.keyed_by_steering(requests):
@@ -341,7 +343,7 @@ def test_the_steering_key_folds_the_steering_into_a_token_keyed_connectors_key(m
             a is b for a, b in zip((r.mm_features for r in requests), before, strict=True)
         )
         assert keys[0] == keys[1] and keys[0][0] == "img"  # unsteered: same key, whatever the form
-        assert keys[2] == keys[3] != keys[1][1:]  # the profile's default gain is 4
+        assert keys[2] == keys[3] != keys[1][1:]  # "image" runs at the profile's default gain
         broken = SimpleNamespace(
             req_id="x", sampling_params=SimpleNamespace(extra_args={"modality_steer": "nonsense"})
         )
@@ -377,8 +379,8 @@ def _connector(role: str, store: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def kv_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, VllmServer]]:
     """reference: no connector; both: `kv_both` on a store of its own; producer / consumer: a P/D pair on
-    another store, under other settings (`--max-gain 6`, which changes no answer at the profile's default
-    gain 4). The consumer starts once the producer serves: `ExampleConnector`, vLLM's debug connector,
+    another store, under other settings (`--max-gain 6`, at or above the profile's default gain,
+    which it therefore leaves alone). The consumer starts once the producer serves: `ExampleConnector`, vLLM's debug connector,
     creates an entry's folder before it writes the layers, and an instance that looks it up meanwhile
     fails (both run the same canaries while they start)."""
     own, shared = tmp_path_factory.mktemp("kv-store-both"), tmp_path_factory.mktemp("kv-store-pd")

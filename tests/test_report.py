@@ -90,3 +90,24 @@ def test_the_browser_check_can_fail(tmp_path, body, needle):
     with open_in_chromium(page_path) as (page, problems):
         page.wait_for_timeout(200)
     assert any(needle in p for p in problems), problems
+
+
+def test_a_profile_whose_data_has_no_controls_renders(tmp_path):
+    """Data without controls (the paper's released files) leaves collateral unmeasured: the page and the
+    README tables say so instead of failing."""
+    from steer_server.analysis.report import figures_markdown, render
+
+    raw = json.loads(toy_profile_path().read_text())
+    for mode in raw["validation"]["modes"].values():
+        mode["collateral"] = None
+    for split in raw["transfer"]["splits"].values():
+        for mode in split["modes"].values():
+            mode["collateral"] = None
+    for by_split in raw["transfer"]["side_by_side"]["collateral"].values():
+        for name in by_split:
+            by_split[name] = None
+    path = tmp_path / "no-controls.json"
+    path.write_text(json.dumps(raw))
+    page = render(path)
+    assert "no controls" in page and "not measured" in page
+    assert '| controls changed, "image" heads blocked | - |' in figures_markdown(path, "transfer")

@@ -39,14 +39,20 @@ def llava_server(tiny_llava, llava_profile):
         yield server
 
 
-def _metrics(server) -> dict[str, float]:
+def _series(server) -> list[tuple[str, str, float]]:
+    """(name, labels as written, value) of every sample line of the server's /metrics."""
     text = urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("modality_steer_") and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
+    lines = [line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#")]
+    return [(*series.partition("{")[::2], float(value)) for series, _, value in lines]
+
+
+def _metrics(server) -> dict[str, float]:
+    """The plugin's series by name with labels (as written) -> value."""
+    return {
+        name + ("{" + labels if labels else ""): value
+        for name, labels, value in _series(server)
+        if name.startswith("modality_steer_")
+    }
 
 
 @pytest.mark.parametrize("steer", SPECS, ids=SPEC_IDS)
@@ -235,12 +241,9 @@ DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "dashboard" / "modali
 
 def _exported(server) -> dict[str, set[str]]:
     """Every series name of the server's /metrics with the label names it carries."""
-    text = urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10).read().decode()
     series: dict[str, set[str]] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, labels = line.rpartition(" ")[0].partition("{")
-            series.setdefault(name, set()).update(re.findall(r'(\w+)="', labels))
+    for name, labels, _ in _series(server):
+        series.setdefault(name, set()).update(re.findall(r'(\w+)="', labels))
     return series
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.prompts import INSTRUCTIONS
 from ..data.schema import LoadedSample
 
 DEFAULT_GAINS = (1.5, 2.0, 3.0, 4.0, 6.0)
@@ -52,7 +53,7 @@ class TransferRule:
     def matches(self, loaded: LoadedSample) -> bool:
         sample = loaded.sample
         if self.kind == "wording":
-            return sample.instruction is not None
+            return sample.instruction is not None and sample.instruction != INSTRUCTIONS[sample.follow]
         return (sample.task or "").split("/", 1)[0] in self.values
 
 

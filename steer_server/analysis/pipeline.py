@@ -210,6 +210,9 @@ def analyze(
         )
         report_sha = data_digest(data_path)
     rules = [TransferRule.parse(text) for text in config.transfer]
+    for rule in rules:
+        if not any(rule.matches(s) for s in [*samples, *report_samples]):
+            raise AnalysisError(f"--transfer {rule.name} matches no sample of {data_path} or the report data")
     samples, kept_out = split_by_rules(samples, rules)
     report_samples, transfer_samples = split_by_rules(report_samples, rules)
     conflicts = _conflicts(samples, data_path)
@@ -224,7 +227,12 @@ def analyze(
         # The batch size is the most; what fits the GPU memory is measured (recorded in the provenance; a
         # resumed run is keyed on the batch size asked for).
         config = replace(
-            config, batch_size=fit_batch_size(loaded, [*conflicts, *report_samples], config.batch_size)
+            config,
+            batch_size=fit_batch_size(
+                loaded,
+                [*conflicts, *report_samples, *(s for members in transfer_samples.values() for s in members)],
+                config.batch_size,
+            ),
         )
     k = max(1, round(config.top_frac * geometry.total_heads))
 

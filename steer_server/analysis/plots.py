@@ -122,7 +122,7 @@ def plot_sparsity(curve: dict[str, Any], path: Path, *, title: str = "") -> None
 
     panels = [("both instructions", None), *((f'"rely on the {m}"', m) for m in MODES)]
     fig, axes = plt.subplots(1, len(panels), figsize=(13, 4.2), sharey=True, constrained_layout=True)
-    points = list({p["heads"]: p for p in curve["points"]}.values())  # fractions that round alike: once
+    points = list({p["heads"]: p for p in curve["points"]}.values())  # fractions that round alike: one point
     shares = [100 * p["heads_share"] for p in points]
     for axis, (label, mode) in zip(axes, panels, strict=True):
         for key, name, colour in (

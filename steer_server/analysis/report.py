@@ -212,18 +212,25 @@ def _splits(extra: dict[str, Any]) -> str:
     )
 
 
+def _distinct_points(curve: dict[str, Any]) -> list[dict[str, Any]]:
+    """The curve's points, once per number of heads (fractions that round to the same count are one)."""
+    return list({point["heads"]: point for point in curve["points"]}.values())
+
+
 def _sparsity(extra: dict[str, Any]) -> str:
     curve = extra.get("sparsity")
     if not curve:
         return _missing("the sparsity curve (analysed before it was measured)")
     rows = [
-        (f"{100 * p['fraction']:g}%", p["heads"], p["relative_drop_top"], p["relative_drop_random"])
-        for p in curve["points"]
+        (f"{100 * p['heads_share']:.1f}%", p["heads"], p["relative_drop_top"], p["relative_drop_random"])
+        for p in _distinct_points(curve)
     ]
     return (
         _png(lambda path: plot_sparsity(curve, path))
         + f"<p>Ranking: {_esc(curve['ranking'])}. Random heads: {curve['random_draws']} draws per point.</p>"
-        + _table(("fraction", "heads", "relative MF drop, top heads", "relative MF drop, random heads"), rows)
+        + _table(
+            ("share of heads", "heads", "relative MF drop, top heads", "relative MF drop, random heads"), rows
+        )
     )
 
 
@@ -237,7 +244,10 @@ def _transfer(extra: dict[str, Any]) -> str:
     for mode, by_split in table["collateral"].items():
         for arm in ("block", "amplify"):
             rows.append(
-                (f"collateral ({mode}, {arm})", *(by_split[name][f"{arm}_changed_share"] for name in names))
+                (
+                    f"collateral ({mode}, {arm})",
+                    *((by_split[name] or {}).get(f"{arm}_changed_share", "no controls") for name in names),
+                )
             )
     return _table(("figure", *names), rows)
 
@@ -420,11 +430,7 @@ def _sparsity_markdown(curve: dict[str, Any]) -> list[str]:
         f"MF ratio drop, random heads ({curve['random_draws']} draws) |",
         "|---|---|---|",
     ]
-    seen = set()
-    for point in curve["points"]:
-        if point["heads"] in seen:
-            continue
-        seen.add(point["heads"])
+    for point in _distinct_points(curve):
         lines.append(
             f"| {point['heads']} ({100 * point['heads_share']:.1f}%) | {_pct(point['relative_drop_top'])} | "
             f"{_pct(point['relative_drop_random'])} |"
@@ -456,7 +462,7 @@ def _transfer_markdown(transfer: dict[str, Any]) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(_pct(table[key][n]) for n in names) + " |")
     for mode in MODES:
         for arm, verb in (("block", "blocked"), ("amplify", "amplified")):
-            cells = [_pct(table["collateral"][mode][n][f"{arm}_changed_share"]) for n in names]
+            cells = [_pct((table["collateral"][mode][n] or {}).get(f"{arm}_changed_share")) for n in names]
             lines.append(f'| controls changed, "{mode}" heads {verb} | ' + " | ".join(cells) + " |")
     return lines
 

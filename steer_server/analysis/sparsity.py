@@ -29,16 +29,27 @@ RANKING = (
 
 
 def ranking(result: ModeResult, geometry: ModelGeometry) -> list[tuple[int, int]]:
-    """Every head of the geometry in the analysis' order for one mode (:data:`RANKING`): its first k are
-    the k selected heads."""
+    """Every head of the geometry in the analysis' order for one mode (:data:`RANKING`): the selected heads
+    first (in their order), then the other ablated candidates by measured drop, then the rest by
+    attribution."""
 
     def attributed(lh: tuple[int, int]) -> float:
         value = float(result.attribution[lh])
         return -math.inf if math.isnan(value) else value
 
-    exact = sorted(result.exact, key=lambda lh: result.exact[lh], reverse=True)
+    ablated = sorted((lh for lh in result.exact if lh not in result.heads), key=lambda lh: -result.exact[lh])
     rest = sorted((lh for lh in geometry.heads() if lh not in result.exact), key=attributed, reverse=True)
-    return [*exact, *rest]
+    return [*result.heads, *ablated, *rest]
+
+
+def _random_pool(
+    ranked: list[tuple[int, int]], n: int, rankings: dict[str, list[tuple[int, int]]]
+) -> list[tuple[int, int]]:
+    """The heads random draws of `n` come from: outside this mode's top `n` and, as in the validation, outside
+    every mode's top `n` where enough heads are left; else outside this mode's top `n` only."""
+    others = {lh for heads in rankings.values() for lh in heads[:n]}
+    pool = [lh for lh in ranked[n:] if lh not in others]
+    return pool if len(pool) >= n else ranked[n:]
 
 
 def head_counts(total_heads: int) -> dict[float, int]:
@@ -54,7 +65,8 @@ def sparsity_curve(
 ) -> dict[str, Any]:
     """The curve on the report split (`runner`), per mode and pooled: at each fraction, the MF ratio with
     the mode's top-ranked heads blocked and with as many random heads blocked (`config.random_draws`
-    draws from the heads outside that top, seeded), and the relative drops from the baseline, each with
+    seeded draws from outside every mode's top at that size, :func:`_random_pool`; fewer heads when a
+    geometry has too few left), and the relative drops from the baseline, each with
     its 95% interval (:mod:`steer_server.data.scoring`). One pass over each mode's conflicts scores every
     point.
 
@@ -72,7 +84,11 @@ def sparsity_curve(
         if not conflicts:
             raise AnalysisError(f"no conflict samples with follow={mode} on the report split")
         ranked = rankings[mode]
-        drawn = {n: [rng.sample(ranked[n:], n) for _ in range(config.random_draws)] for n in sizes}
+        pools = {n: _random_pool(ranked, n, rankings) for n in sizes}
+        drawn = {
+            n: [rng.sample(pools[n], min(n, len(pools[n]))) for _ in range(config.random_draws)]
+            for n in sizes
+        }
         settings = [BASELINE]
         for n in sizes:
             settings.append(Setting.of_gains(gain_table(geometry, ranked[:n], 0.0)))

@@ -116,16 +116,18 @@ class _Metrics:
         ).set(1)
         for mode in ("off", "image", "text", "heads"):
             self.requests.labels(mode=mode)  # exported at 0 from the start
+        # Each API-server process runs its own canary check (a rerun reaches the process that receives it):
+        # one series per live process ("liveall": a `pid` label; a dead process' series go with it).
         self.canary_status = Gauge(
             "modality_steer_canary_status",
-            "The latest canary check of this deployment: 1 on its status (pending before the first run)",
+            "This API-server process' latest canary check: 1 on its status (pending before the first run)",
             ["status"],
-            multiprocess_mode="max",
+            multiprocess_mode="liveall",
         )
         self.canary_finished = Gauge(
             "modality_steer_canary_last_run_timestamp_seconds",
-            "When the latest canary check finished (Unix time; 0 before the first run)",
-            multiprocess_mode="max",
+            "When this API-server process' latest canary check finished (Unix time; 0 before the first run)",
+            multiprocess_mode="liveall",
         )
         self.show_canaries(last_report())
         on_record(self.show_canaries)
