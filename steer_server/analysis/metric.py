@@ -42,6 +42,11 @@ class Scored:
     follows: torch.Tensor
     answers: list[str]
 
+    @property
+    def hits(self) -> list[bool]:
+        """`follows` as a list of bools (empty when scored without answers)."""
+        return [bool(x) for x in self.follows.tolist()]
+
 
 @dataclass
 class AnswerTokens:

@@ -98,7 +98,7 @@ def sparsity_curve(
             conflicts,
             progress=f"sparsity curve ({mode}, {len(settings)} settings)" if config.progress else None,
         )
-        hits = [[bool(x) for x in s.follows.tolist()] for s in scored]
+        hits = [s.hits for s in scored]
         per_size, position = {}, 1
         for n in sizes:
             per_size[n] = (hits[position], hits[position + 1 : position + 1 + config.random_draws])

@@ -82,7 +82,7 @@ class _Validator:
 
     def follows(self, settings: list[Setting], indices: list[int], what: str) -> list[list[bool]]:
         """Success of each of `indices` under each setting (one pass over their batches for all)."""
-        return [[bool(x) for x in s.follows.tolist()] for s in self.scored(settings, indices, what)]
+        return [s.hits for s in self.scored(settings, indices, what)]
 
     @staticmethod
     def sweep(base: list[bool], amplified: dict[float, list[bool]]) -> dict[float, _SweepCounts]:
@@ -166,17 +166,13 @@ class _Validator:
             "gain_sweep": {str(gain): counts[gain].estimates() for gain in self.config.gains},
             "amplify_rescued_share": counts[default_gain].estimates()["rescued_share"],
             "amplify_broken_share": counts[default_gain].estimates()["broken_share"],
-            "control_accuracy_baseline": share(_hits(controls[0])) if controls else None,
-            "control_accuracy_block_top": share(_hits(controls[1])) if controls else None,
+            "control_accuracy_baseline": share(controls[0].hits) if controls else None,
+            "control_accuracy_block_top": share(controls[1].hits) if controls else None,
             "collateral": collateral([self.runner.samples[i] for i in control], controls)
             if controls
             else None,
         }
         return report, _Outcomes(base, block_top, random_outcomes), counts
-
-
-def _hits(scored: Scored) -> list[bool]:
-    return [bool(x) for x in scored.follows.tolist()]
 
 
 def control_type(loaded: LoadedSample) -> str:
