@@ -11,6 +11,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -204,98 +206,273 @@ def run_engine_script(source: str, model: Path, tmp_path: Path, env: dict[str, s
     return dict(json.loads(line.removeprefix("RESULTS ")))
 
 
-def post_json(server: Any, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """POST `body` as JSON to `server` (a VllmServer); (status, JSON answer, headers), also for 4xx/5xx."""
-    request = urllib.request.Request(
-        f"{server.base_url}{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read()), dict(response.headers)
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}"), dict(error.headers)
-
-
-def server_state(server: Any) -> dict[str, Any]:
-    """`GET /v1/modality_steer/state` of `server` (a VllmServer without --api-key)."""
-    with urllib.request.urlopen(f"{server.base_url}/v1/modality_steer/state", timeout=60) as response:
-        return json.loads(response.read())
-
-
 # --------------------------------------------------------------------------------------------------
-# HTTP against a running server (urllib: no client library between the test and the wire).
+# HTTP: one request function for every test (urllib against a running server, no client library between
+# the test and the wire) and the same shape from an in-process app (Starlette's test client).
 # --------------------------------------------------------------------------------------------------
 
 # The probes every deployment answers without credentials (steer_server.serving.api.PUBLIC_PROBES, pinned).
 PUBLIC_PROBES = ["/health", "/metrics", "/ping", "/version"]
 
 
+@dataclass(frozen=True)
+class Reply:
+    """One HTTP answer, also for 4xx / 5xx: its status, headers (names lower-cased) and body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON (NaN and Infinity literals accepted, as Python's json reads them)."""
+        return json.loads(self.body)
+
+
+# (method, path, key, body) -> Reply: a request to a running server or to an in-process app.
+Send = Callable[[str, str, "str | None", Any], Reply]
+
+
 def http_request(
-    url: str, method: str = "GET", key: str | None = None, body: Any = None, *, timeout: float = 120
-) -> tuple[int, bytes]:
-    """(status, body) of one request; `key` as a bearer token; `body` as JSON (not sent with GET / HEAD)."""
+    target: Any,
+    path: str = "",
+    method: str = "GET",
+    *,
+    key: str | None = None,
+    body: Any = None,
+    timeout: float = 120,
+) -> Reply:
+    """One request to `target` (a base URL or a VllmServer) + `path`; `key` as a bearer token; `body` as
+    JSON (bytes as they are, so NaN literals or malformed JSON can be sent; not sent with GET / HEAD)."""
+    base = target if isinstance(target, str) else target.base_url
+    headers, data = _request_parts(method, key, body)
+    request = urllib.request.Request(base + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return Reply(response.status, _lower(response.headers), response.read())
+    except urllib.error.HTTPError as error:
+        return Reply(error.code, _lower(error.headers), error.read())
+
+
+def _request_parts(method: str, key: str | None, body: Any) -> tuple[dict[str, str], bytes | None]:
+    """The headers and body bytes of a request (see :func:`http_request`)."""
     headers = {"Content-Type": "application/json"}
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
-    data = json.dumps(body).encode() if body is not None and method not in ("GET", "HEAD") else None
-    request = urllib.request.Request(url, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
+    data = None
+    if body is not None and method not in ("GET", "HEAD"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return headers, data
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
+
+
+def server_send(server: Any, root: str = "") -> Send:
+    """:data:`Send` for a running server (under its `--root-path` `root`)."""
+    return lambda method, path, key, body: http_request(server, root + path, method, key=key, body=body)
+
+
+def client_send(client: Any, root: str = "") -> Send:
+    """:data:`Send` for an in-process app behind Starlette's `TestClient`."""
+
+    def send(method: str, path: str, key: str | None, body: Any) -> Reply:
+        headers, content = _request_parts(method, key, body)
+        answer = client.request(method, root + path, content=content, headers=headers)
+        return Reply(answer.status_code, _lower(answer.headers), answer.content)
+
+    return send
+
+
+def server_state(server: Any, *, key: str | None = None, root: str = "") -> dict[str, Any]:
+    """`GET /v1/modality_steer/state` of `server` (a VllmServer)."""
+    reply = http_request(server, f"{root}/v1/modality_steer/state", key=key, timeout=60)
+    assert reply.status == 200, reply
+    return dict(reply.json())
 
 
 def generated_tokens(base_url: str) -> float:
     """vLLM's count of generated tokens, from /metrics (a public probe)."""
-    status, text = http_request(f"{base_url}/metrics")
-    assert status == 200
+    reply = http_request(base_url, "/metrics")
+    assert reply.status == 200
     return sum(
         float(line.rsplit(" ", 1)[1])
-        for line in text.decode().splitlines()
+        for line in reply.body.decode().splitlines()
         if line.startswith("vllm:generation_tokens_total")
     )
 
 
-def assert_every_route_needs_the_key(server: Any, model: Path, key: str, *, root: str = "") -> None:
-    """Every route of the running app (from its own route table, every method it takes, path parameters
-    filled in): without the key 401 and nothing generated, unless it is a public probe; with the key, not
-    401, and the chat route generates."""
-    base = server.base_url + root
-    status, raw = http_request(f"{base}/v1/modality_steer/state", "GET", key)
-    assert status == 200, raw
-    routes = json.loads(raw)["routes"]
-    assert routes["public"] == PUBLIC_PROBES  # pinned: a probe vLLM adds or renames fails here
-    body = {
-        "model": str(model),
-        "prompt": "USER: What colour is the object?\nASSISTANT:",
-        "messages": [{"role": "user", "content": "What colour is the object?"}],
-        "input": "What colour is the object?",
+WALK_BODY_TEXT = "What colour is the object?"
+
+
+def walk_body(model: str) -> dict[str, Any]:
+    """One body that every route of vLLM's app would accept as a request (completion, chat, responses)."""
+    return {
+        "model": model,
+        "prompt": f"USER: {WALK_BODY_TEXT}\nASSISTANT:",
+        "messages": [{"role": "user", "content": WALK_BODY_TEXT}],
+        "input": WALK_BODY_TEXT,
         "max_tokens": 2,
     }
-    before = generated_tokens(server.base_url)
+
+
+def assert_every_route_needs_the_key(
+    send: Send, model: str, key: str, nothing_reached: Callable[[], bool]
+) -> None:
+    """Every route of the app (from its own route table, every method it takes, path parameters filled
+    in): without the key 401 and `nothing_reached()` stays true, unless it is a public probe; with the
+    key, not 401, and a steering error still answered on a steered route.
+
+    Args:
+        send: a running server's or an in-process app's :data:`Send` (with its root path).
+        nothing_reached: whether no unauthenticated request got through (a server: no token generated;
+            an in-process app: nothing passed the middleware).
+    """
+    reply = send("GET", "/v1/modality_steer/state", key, None)
+    assert reply.status == 200, reply
+    routes = reply.json()["routes"]
+    assert routes["public"] == PUBLIC_PROBES  # pinned: a probe vLLM adds or renames fails here
+    body = walk_body(model)
     walked = 0
     for path, methods in routes["methods"].items():
-        url = base + path.replace("{", "").replace("}", "").replace(":path", "")
+        filled = path.replace("{", "").replace("}", "").replace(":path", "")
         for method in methods:
             if method == "WEBSOCKET":
-                continue  # no HTTP method reaches a websocket route; the cheap test covers the handshake
+                continue  # no HTTP method reaches a websocket route; tests/test_api_key.py covers the handshake
             method = "POST" if method == "*" else method
-            status, raw = http_request(url, method, None, body)
+            reply = send(method, filled, None, body)
             walked += 1
             if path in PUBLIC_PROBES:
-                assert status != 401, (method, path)
+                assert reply.status != 401, (method, path)
                 continue
-            assert status == 401, (method, path, status, raw[:200])
+            assert reply.status == 401, (method, path, reply.status, reply.body[:200])
             if method != "HEAD":  # a HEAD answer has no body
-                assert json.loads(raw) == {"error": "Unauthorized"}, (method, path, raw[:200])
+                assert reply.json() == {"error": "Unauthorized"}, (method, path, reply.body[:200])
     assert walked >= 30, walked  # every method of every route of vLLM 0.32's app (40 here)
-    assert generated_tokens(server.base_url) == before, "an unauthenticated request generated"
-    status, raw = http_request(f"{base}/v1/chat/completions", "POST", key, body)
-    assert status == 200, raw
-    assert generated_tokens(server.base_url) > before
-    status, raw = http_request(f"{base}/invocations", "POST", key, {**body, "modality_steer": "bogus"})
-    assert status in (400, 403) and b"modality_steer" in raw, raw
+    assert nothing_reached(), "an unauthenticated request got through"
+    reply = send("POST", "/invocations", key, {**body, "modality_steer": "bogus"})
+    assert reply.status in (400, 403) and b"modality_steer" in reply.body, reply
+
+
+# --------------------------------------------------------------------------------------------------
+# vLLM's own app, in-process: the policy tested in milliseconds per request.
+# --------------------------------------------------------------------------------------------------
+
+# The rows of the adapter that put the middleware into vLLM's app (steer_server/serving/vllm_adapter).
+APP_ROWS = ("api.init_entrypoints_middleware", "api.launcher_init_entrypoints_middleware")
+# Answered by vLLM's handlers in-process (they need no engine); the stand-in answers every other request.
+APP_PASS_THROUGH = frozenset({"/openapi.json"})
+
+
+class _StandIn:
+    """The innermost middleware of an in-process app: records each request that got past modality-steer
+    (method, route path, the body as it was handed on) and answers it with 200 in vLLM's place (there is no
+    engine), except :data:`APP_PASS_THROUGH`."""
+
+    def __init__(self, app: Any, reached: list[tuple[str, str, bytes]]) -> None:
+        self.app = app
+        self.reached = reached
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if path in APP_PASS_THROUGH:
+            await self.app(scope, receive, send)
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.reached.append((scope["method"], path, body))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"reached": "vllm"}'})
+
+
+@dataclass
+class InProcessApp:
+    """vLLM's OpenAI-compatible app as `vllm serve` builds it (`build_app`, every router of this vLLM, its
+    `--api-key` middleware), with the plugin's adapter rows installed, behind Starlette's test client; no
+    engine: a stand-in answers whatever gets past modality-steer and records it in `reached`."""
+
+    app: Any
+    client: Any
+    reached: list[tuple[str, str, bytes]]
+    root: str = ""
+
+    def send(self) -> Send:
+        return client_send(self.client, self.root)
+
+    def steered_bodies(self) -> list[dict[str, Any]]:
+        """The JSON bodies handed on to vLLM so far."""
+        return [json.loads(body) for _, _, body in self.reached if body]
+
+
+def build_vllm_app(
+    model: Path, profile: Path, vllm_args: tuple[str, ...] = (), steer_env: dict[str, str] | None = None
+) -> InProcessApp:
+    """vLLM's app for `vllm serve MODEL VLLM_ARGS` as `modality-steer serve --profile PROFILE` would start
+    it, in this process; `steer_env`: the plugin's settings as the CLI puts them in the environment
+    (steer_server/serving/settings.py), e.g. ``{ENFORCE_STEER_ENV: "text"}``. The settings hold for this
+    app only (its middleware and OpenAPI document are built here, and the environment restored)."""
+    from starlette.middleware import Middleware
+    from starlette.testclient import TestClient
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from steer_server.serving.policy import policy
+    from steer_server.serving.settings import PROFILE_ENV, settings
+    from steer_server.serving.vllm_adapter import hooks, table
+
+    variables = {PROFILE_ENV: str(profile), **(steer_env or {})}
+    saved = {name: os.environ.get(name) for name in [*variables, "VLLM_API_KEY"]}
+    installed = [key for key in APP_ROWS if not table.installed(key)]
+    try:
+        os.environ.update(variables)
+        os.environ.pop("VLLM_API_KEY", None)
+        settings.cache_clear()
+        policy.cache_clear()
+        for key in installed:
+            table.install(key, hooks._init_entrypoints_middleware)
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", str(model), *vllm_args])
+        app = build_app(args, ("generate",))
+        reached: list[tuple[str, str, bytes]] = []
+        app.user_middleware.append(Middleware(_StandIn, reached=reached))
+        app.middleware_stack = app.build_middleware_stack()
+        app.openapi()
+        app.state.engine_client = _ArmedEngine(settings())
+    finally:
+        for key in installed:
+            table.uninstall(key)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        settings.cache_clear()
+        policy.cache_clear()
+    root = args.root_path or ""
+    return InProcessApp(app, TestClient(app, root_path=root), reached, root)
+
+
+class _ArmedEngine:
+    """An engine client whose one worker reports steering armed with the app's settings (for the state
+    endpoint; the shape of steer_server.serving.vllm_adapter.hooks.report_worker_state)."""
+
+    def __init__(self, plugin: Any) -> None:
+        self.plugin = plugin
+
+    async def collective_rpc(self, method: str) -> list[dict[str, Any]]:
+        return [
+            {"armed": True, "settings_id": self.plugin.settings_id, "slots_in_use": 0, "requests_tracked": 0}
+        ]

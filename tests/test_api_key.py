@@ -2,24 +2,23 @@
 (`steer_server.serving.api.PUBLIC_PROBES`) answers 401 without a key, whatever its path (vLLM itself
 guards only /v1, /v2, /inference and /cohere), before anything of the request is read.
 
-The cheap level drives the middleware in an app with every kind of route (steered, refused, inert, mounts,
+Here the middleware runs in a hand-made app with every kind of route (steered, refused, inert, mounts,
 websockets, a path no route matches), with and without a root path, through Starlette's test client, with
-vLLM's own key check; the integration level walks every route of a real server started with `--api-key`
-under a root path, and checks that nothing was generated (the same walk runs on the enforced keyed server
-of tests/test_serving_policy.py).
+vLLM's own key check. The same walk over every route of vLLM's own app runs in-process in
+tests/test_policy_app.py (with and without a policy and a root path), and on a running keyed server, where
+nothing may be generated, in tests/test_serving_policy.py.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from fastapi import FastAPI, WebSocket
-from helpers import PUBLIC_PROBES, assert_every_route_needs_the_key, serve
+from helpers import PUBLIC_PROBES
 from pydantic import BaseModel
 from starlette.routing import Mount
 
@@ -182,21 +181,3 @@ def test_the_keys_are_vllms_own(monkeypatch):
     monkeypatch.setenv("VLLM_API_KEY", "from-env")
     check = authenticator(SimpleNamespace(api_key=None))
     assert check(scope("from-env")) and not check(scope("a"))
-
-
-# --------------------------------------------------------------------------------------------------
-# A real server: every route of the running app (an enforced keyed server without a root path walks them
-# too, in tests/test_serving_policy.py).
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def keyed_server(tiny_llava: Path, llava_profile: Path) -> Iterator[Any]:
-    """No policy, under a root path (the enforced server without one: tests/test_serving_policy.py)."""
-    with serve(tiny_llava, llava_profile, "--enforce-eager", "--api-key", KEY, "--root-path", ROOT) as server:
-        yield server
-
-
-@pytest.mark.vllm
-def test_a_keyed_server_answers_401_on_every_route_but_the_public_probes(keyed_server, tiny_llava):
-    assert_every_route_needs_the_key(keyed_server, tiny_llava, KEY, root=ROOT)

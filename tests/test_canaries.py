@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import BASE_ARGS, engine_env, post_json, server_state
+from helpers import BASE_ARGS, engine_env, http_request, server_state, walk_body
 
 from steer_server.eval.demo import toy_profile_path
 from steer_server.profile import CANARY_SETTINGS, load_profile
@@ -385,28 +383,24 @@ def test_no_http_request_reaches_the_canary_path(honest):
     """On every route of the running app that steers or is refused, a body carrying the canary key, even
     with the deployment's secret, is refused before anything is generated."""
     routes = server_state(honest)["routes"]
-    body = {
-        "model": str(toy_model_dir()),
-        "prompt": "USER: What colour is the object?\nASSISTANT:",
-        "messages": [{"role": "user", "content": "What colour is the object?"}],
-        "input": "What colour is the object?",
-        "max_tokens": 2,
-    }
+    body = walk_body(str(toy_model_dir()))
     carried = [
         {"vllm_xargs": {"modality_steer_canary": SECRET, "modality_steer": "off"}},
         {"modality_steer_canary": SECRET},
     ]
     for path in [*routes["steered"], *routes["refused"]]:
         for extra in carried:
-            status, answer, _ = post_json(honest, path.replace("{", "").replace("}", ""), {**body, **extra})
-            assert status == 400, (path, extra, status, answer)
+            reply = http_request(
+                honest, path.replace("{", "").replace("}", ""), "POST", body={**body, **extra}
+            )
+            assert reply.status == 400, (path, extra, reply)
     assert server_state(honest)["canaries"]["status"] == "passed"
 
 
 @pytest.mark.vllm
 def test_the_canaries_run_again_on_demand(honest):
-    status, report, _ = post_json(honest, "/v1/modality_steer/canaries", {})
-    assert status == 200 and report["status"] == "passed", report
+    reply = http_request(honest, "/v1/modality_steer/canaries", "POST", body={})
+    assert reply.status == 200 and reply.json()["status"] == "passed", reply
 
 
 @pytest.mark.vllm
@@ -420,27 +414,3 @@ def test_canaries_go_through_every_data_parallel_engine(tmp_path):
             canaries = server_state(server)["canaries"]
             assert canaries["status"] == "passed", canaries
             assert canaries["checks"] == 2 * len(profile.canaries.samples) * len(CANARY_SETTINGS), canaries
-
-
-@pytest.mark.vllm
-def test_canaries_run_under_an_enforced_policy_and_an_api_key(tmp_path):
-    """The canaries need steering no client may ask for under `--enforce-steer text` (off, image block):
-    the internal path gives it to them, and only to them; clients still get 403 for it."""
-    with _toy_server(tmp_path, None, "--api-key", "k", steer=("--enforce-steer", "text")) as server:
-        request = urllib.request.Request(
-            f"{server.base_url}/v1/modality_steer/state", headers={"Authorization": "Bearer k"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            canaries = json.loads(response.read())["canaries"]
-        assert canaries["status"] == "passed", canaries
-        request = urllib.request.Request(
-            f"{server.base_url}/v1/completions",
-            data=json.dumps(
-                {"model": str(toy_model_dir()), "prompt": "hi", "max_tokens": 1, "modality_steer": "off"}
-            ).encode(),
-            headers={"Content-Type": "application/json", "Authorization": "Bearer k"},
-            method="POST",
-        )
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=60)
-        assert refused.value.code == 403

@@ -1,6 +1,7 @@
-"""The steering contract, enforced in the engine: every route of the running app, the non-HTTP entry
-points, beam search, the root path, cache salts no client can forge, server defaults, start-up refusals
-and the handshake, and slots under preemption (real vLLM on CPU)."""
+"""The steering contract, enforced in the engine: the non-HTTP entry points, beam search, cache salts no
+client can forge, server defaults, start-up refusals and the handshake, and slots under preemption (real
+vLLM on CPU). The route table and the policy on every route: tests/test_policy_app.py (vLLM's app
+in-process) and tests/test_serving_policy.py (a running server)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,10 +18,9 @@ from typing import Any
 
 import pytest
 from helpers import (
-    assert_same_steps,
+    Reply,
     engine_env,
-    post_json,
-    reference_steps,
+    http_request,
     run_engine_script,
     serve,
     server_state,
@@ -34,7 +32,6 @@ from pydantic import BaseModel
 
 from steer_server.data.prompts import openai_messages
 from steer_server.eval.demo import toy_profile_path
-from steer_server.hf.model import load_model
 from steer_server.profile import load_profile
 from steer_server.serving.api import require_armed_workers
 from steer_server.serving.engine_core import steering_salt
@@ -44,17 +41,6 @@ from steer_server.spec import gains_digest
 from steer_server.toy.model import toy_model_dir
 
 CLI = [sys.executable, "-m", "steer_server.cli"]
-ROOT = "/api"
-
-# The routes of vLLM 0.32's server (this model: generate task) that modality-steer refuses by default.
-# A route vLLM adds shows up in the state endpoint's table and makes test_every_route_is_classified fail.
-EXPECTED_REFUSED = {
-    "/generative_scoring",
-    "/inference/v1/generate",
-    "/invocations",
-    "/v1/chat/completions/batch",
-    "/v1/systemone",
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,20 +379,6 @@ def test_the_handshake_runs_before_vllm_serves(monkeypatch, llava_profile):
 
 
 @pytest.fixture(scope="module")
-def enforced(tiny_llava, llava_profile):
-    """Every request text-steered, served under a root path."""
-    with serve(
-        tiny_llava,
-        llava_profile,
-        "--enforce-eager",
-        "--root-path",
-        ROOT,
-        steer_args=["--enforce-steer", "text", "--allow-raw-heads"],
-    ) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def open_server(tiny_llava, llava_profile):
     """No policy; 32-token KV blocks (the smallest the CPU backend takes) so that short prompts hit the prefix cache."""
     with serve(
@@ -422,165 +394,30 @@ def open_server(tiny_llava, llava_profile):
         yield server
 
 
-def _bodies(model: str, sample: Any) -> dict[str, dict[str, Any]]:
-    """A valid request without steering for every route that reaches generation and that modality-steer
-    handles; a steered route missing here fails test_every_route_reaching_generation_obeys_the_policy."""
-    return {
-        "/v1/chat/completions": {
-            "model": model,
-            "messages": openai_messages(sample),
-            "max_tokens": 3,
-            "temperature": 0,
-            "logprobs": True,
-            "top_logprobs": 5,
-            "ignore_eos": True,
-        },
-        "/v1/completions": {
-            "model": model,
-            "prompt": "USER: What colour is the object?\nASSISTANT:",
-            "max_tokens": 3,
-            "temperature": 0,
-            "logprobs": 5,
-            "ignore_eos": True,
-        },
-        "/v1/responses": {
-            "model": model,
-            "input": "What colour is the object?",
-            "max_output_tokens": 3,
-            "temperature": 0,
-        },
-        "/v1/messages": {
-            "model": model,
-            "messages": [{"role": "user", "content": "What colour is the object?"}],
-            "max_tokens": 3,
-            "temperature": 0,
-        },
-    }
-
-
-def _answer(path: str, body: dict[str, Any]) -> Any:
-    """What a route answered: its tokens with top logprobs where it has them, else its text."""
-    if path == "/v1/chat/completions":
-        return [
-            (s["token"], {t["token"]: round(t["logprob"], 4) for t in s["top_logprobs"]})
-            for s in body["choices"][0]["logprobs"]["content"]
-        ]
-    if path == "/v1/completions":
-        return body["choices"][0]["logprobs"]["top_logprobs"]
-    if path == "/v1/responses":
-        return [part["text"] for item in body["output"] for part in item.get("content") or []]
-    return body["content"]
-
-
-def test_every_route_is_classified(enforced, open_server):
-    """The route table is derived from the running app: every path of its OpenAPI document is steered,
-    inert or refused, and the refused ones are exactly those this vLLM version is known to have."""
-    for server, prefix in ((enforced, ROOT), (open_server, "")):
-        routes = server_state(server)["routes"]
-        with urllib.request.urlopen(f"{server.base_url}{prefix}/openapi.json", timeout=30) as response:
-            document = json.loads(response.read())
-        known = set(routes["steered"]) | set(routes["inert"]) | set(routes["refused"])
-        assert set(document["paths"]) <= known, set(document["paths"]) - known
-        assert set(routes["refused"]) == EXPECTED_REFUSED, routes["refused"]
-        assert {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"} <= set(
-            routes["steered"]
-        )
-
-
-def test_every_route_reaching_generation_obeys_the_policy(
-    enforced, open_server, tiny_llava, llava_profile, serve_samples
-):
-    model = str(tiny_llava)
-    bodies = _bodies(model, serve_samples[3])
-    routes = server_state(enforced)["routes"]
-    assert set(routes["steered"]) <= set(bodies), "a steered route the tests do not know"
-    for path in routes["steered"]:
-        body = bodies[path]
-        for server, prefix in ((enforced, ROOT), (open_server, "")):
-            for bad in ("bogus", {"follow": "image", "gain": -1}, {"follow": "sideways"}):
-                status, error, _ = post_json(server, prefix + path, {**body, "modality_steer": bad})
-                assert status == 400 and error["error"]["param"] == "modality_steer", (path, bad, error)
-                status, error, _ = post_json(
-                    server, prefix + path, {**body, "vllm_xargs": {"modality_steer": json.dumps(bad)}}
-                )
-                assert status == 400 and error["error"]["param"] == "modality_steer", (path, bad, error)
-        for asked in ("image", {"follow": "text", "gain": 0}, "off", {"heads": [[0, 1, 2.0]]}):
-            status, error, _ = post_json(enforced, ROOT + path, {**body, "modality_steer": asked})
-            assert status == 403 and error["error"]["param"] == "modality_steer", (path, asked, error)
-        status, implicit, headers = post_json(enforced, ROOT + path, body)
-        assert status == 200, (path, implicit)
-        assert headers["x-modality-steer"].startswith("mode=text; gain=3"), (path, headers)
-        status, explicit, _ = post_json(enforced, ROOT + path, {**body, "modality_steer": "text"})
-        assert status == 200 and _answer(path, implicit) == _answer(path, explicit), path
-    # The chat answer under enforcement is the text-steered one of an independent implementation.
-    status, reply, _ = post_json(enforced, ROOT + "/v1/chat/completions", bodies["/v1/chat/completions"])
-    expected = reference_steps(load_model(tiny_llava), load_profile(llava_profile), serve_samples[3], "text")
-    got = [
-        (token.strip(), {k.strip(): v for k, v in top.items()})
-        for token, top in _answer("/v1/chat/completions", reply)
-    ]
-    assert_same_steps(got, expected[: len(got)], 1e-3)
-    for path in routes["refused"]:
-        status, error, _ = post_json(enforced, ROOT + path, {"model": model, "prompt": "hi"})
-        assert status == 403 and error["error"]["param"] == "modality_steer", (path, error)
-        status, error, _ = post_json(open_server, path, {"model": model, "modality_steer": "text"})
-        assert status == 400 and "does not take modality_steer" in error["error"]["message"], (path, error)
-
-
-def test_root_path_is_matched_as_the_router_matches_it(enforced, tiny_llava):
-    body = {"model": str(tiny_llava), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    for path in (f"{ROOT}/v1/chat/completions", "/v1/chat/completions"):
-        status, error, _ = post_json(enforced, path, {**body, "modality_steer": "image"})
-        assert status == 403, (path, error)
-        status, _, headers = post_json(enforced, path, body)
-        assert status == 200 and headers["x-modality-steer"].startswith("mode=text"), path
-
-
-def test_beam_search_is_refused_with_steering_and_runs_enforced(
-    enforced, open_server, tiny_llava, serve_samples
-):
-    model = str(tiny_llava)
-    beam = {"model": model, "max_tokens": 3, "use_beam_search": True, "n": 1, "ignore_eos": True}
+def test_beam_search_is_refused_with_steering(open_server, tiny_llava, serve_samples):
+    """Beam search builds new sampling parameters for every step (`vllm/entrypoints/generate/beam_search/`)
+    and cannot carry a request's steering: refused, naming it. Under enforcement it runs with the enforced
+    steering (tests/test_serving_policy.py)."""
+    beam = {"model": str(tiny_llava), "max_tokens": 3, "use_beam_search": True, "n": 1, "ignore_eos": True}
     for steer in ({"follow": "image", "gain": 0}, "text", {"heads": [[0, 1, 0.0]]}):
-        status, error, _ = post_json(
+        reply = http_request(
             open_server,
             "/v1/chat/completions",
-            {**beam, "messages": openai_messages(serve_samples[0]), "modality_steer": steer},
+            "POST",
+            body={**beam, "messages": openai_messages(serve_samples[0]), "modality_steer": steer},
         )
-        assert status == 400 and "beam search" in error["error"]["message"], error
-    # Under enforcement beam search runs text-steered: with one beam it is the greedy text-steered answer,
-    # which is not the unsteered one.
-    differs = 0
-    for sample in serve_samples[:8]:
-        messages = openai_messages(sample)
-        status, searched, _ = post_json(
-            enforced, ROOT + "/v1/chat/completions", {**beam, "messages": messages}
-        )
-        assert status == 200, searched
-        status, greedy, _ = post_json(
-            enforced,
-            ROOT + "/v1/chat/completions",
-            {"model": model, "messages": messages, "max_tokens": 3, "temperature": 0, "ignore_eos": True},
-        )
-        answers = (r["choices"][0]["message"]["content"].strip() for r in (searched, greedy))
-        assert next(answers) == next(answers)
-        status, plain, _ = post_json(
-            open_server,
-            "/v1/chat/completions",
-            {"model": model, "messages": messages, "max_tokens": 3, "temperature": 0, "ignore_eos": True},
-        )
-        differs += plain["choices"][0]["message"]["content"] != greedy["choices"][0]["message"]["content"]
-    assert differs > 0, "the samples must show the steering"
+        assert reply.status == 400 and "beam search" in reply.json()["error"]["message"], reply
 
 
 def _completion(server: Any, model: str, prompt: str, **fields: Any) -> dict[str, Any]:
-    status, body, _ = post_json(
+    reply = http_request(
         server,
         "/v1/completions",
-        {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "logprobs": 5, **fields},
+        "POST",
+        body={"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "logprobs": 5, **fields},
     )
-    assert status == 200, body
-    return body
+    assert reply.status == 200, reply
+    return dict(reply.json())
 
 
 def _close(a: dict[str, Any], b: dict[str, Any], tolerance: float = 1e-4) -> bool:
@@ -620,12 +457,13 @@ def test_prefix_cache_is_shared_only_by_identical_steering(open_server, tiny_lla
         reply = _completion(open_server, model, LONG_PROMPT, modality_steer=steer, cache_salt=salt)
         assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # another client salt
         _assert_close(reply, steered)
-    status, error, _ = post_json(
+    reply = http_request(
         open_server,
         "/v1/completions",
-        {"model": model, "prompt": "hi", "cache_salt": "s" * 129, "modality_steer": "text"},
+        "POST",
+        body={"model": model, "prompt": "hi", "cache_salt": "s" * 129, "modality_steer": "text"},
     )
-    assert status == 400, error  # vLLM's own limit, answered as vLLM answers it
+    assert reply.status == 400, reply  # vLLM's own limit, answered as vLLM answers it
     with serve(
         tiny_llava, llava_profile, "--enforce-eager", "--no-enable-prefix-caching", "--max-model-len", "512"
     ) as fresh:
@@ -850,7 +688,7 @@ PREEMPT_TOKENS = 270
 
 
 def _preemptions(server: Any) -> float:
-    text = urllib.request.urlopen(f"{server.base_url}/metrics", timeout=30).read().decode()
+    text = http_request(server, "/metrics").body.decode()
     return sum(
         float(x.rpartition(" ")[2]) for x in text.splitlines() if x.startswith("vllm:num_preemptions_total")
     )
@@ -888,15 +726,16 @@ def test_preemption_with_more_configurations_than_slots(scheduling):
                 **({"priority": count - index} if scheduling == "priority" else {}),
             }
 
-        def send(index: int) -> tuple[int, dict[str, Any], dict[str, str]]:
+        def send(index: int) -> Reply:
             time.sleep(0.3 * index)
-            return post_json(server, "/v1/completions", body(index))
+            return http_request(server, "/v1/completions", "POST", body=body(index))
 
         before = _preemptions(server)
         with ThreadPoolExecutor(max_workers=count) as pool:
             replies = list(pool.map(send, range(count)))
-        assert all(status == 200 for status, _, _ in replies), [r[1] for r in replies if r[0] != 200]
-        assert len({reply["choices"][0]["text"] for _, reply, _ in replies}) > 1  # the gains matter
+        assert all(r.status == 200 for r in replies), [r for r in replies if r.status != 200]
+        texts = [r.json()["choices"][0]["text"] for r in replies]
+        assert len(set(texts)) > 1  # the gains matter
         assert _preemptions(server) > before, "the test must force preemption"
         slots = server_state(server)["workers"][0]["max_slots"]
         if scheduling == "priority":
@@ -904,8 +743,8 @@ def test_preemption_with_more_configurations_than_slots(scheduling):
             peak = server_state(server)["workers"][0]["requests_tracked_peak"]
             assert peak > slots, (peak, slots)
         assert server.healthy()
-        for index, (_, reply, _) in enumerate(replies):
-            status, alone, _ = post_json(server, "/v1/completions", body(index))
-            assert status == 200 and alone["choices"][0]["text"] == reply["choices"][0]["text"], index
+        for index, text in enumerate(texts):
+            alone = http_request(server, "/v1/completions", "POST", body=body(index))
+            assert alone.status == 200 and alone.json()["choices"][0]["text"] == text, index
         state = server_state(server)["workers"]
         assert all(w["slots_in_use"] == 0 and w["requests_tracked"] == 0 for w in state), state

@@ -1,7 +1,8 @@
-"""Hardening against a real server on loopback: hostile values, fuzzing, load, client faults, engine death.
+"""Hardening against a real server on loopback: fuzzed values, load, client faults, engine death.
 
-Every case ends with the server still healthy (except the engine-death test, whose server must stop
-serving instead of serving unsteered).
+Every case ends with the server still healthy (except the engine-death test, the module's last on it,
+whose server must stop serving instead of serving unsteered). Each kind of bad value, one row per case,
+is answered by the policy before vLLM sees it: tested on vLLM's app in-process (tests/test_policy_app.py).
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import socket
 import statistics
 import time
 import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psutil
 import pytest
-from helpers import serve
+from helpers import http_request, serve, server_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -60,31 +60,6 @@ def open_server(long_llava, llava_profile):
         yield server
 
 
-@pytest.fixture(scope="module")
-def closed_server(long_llava, llava_profile):
-    """No raw heads. The engine-death test kills this one last."""
-    with serve(long_llava, llava_profile, "--enforce-eager", *LONG_CONTEXT, steer_args=()) as server:
-        yield server
-
-
-def post(server: Any, path: str, body: Any, *, timeout: float = 60) -> tuple[int, dict[str, str], Any]:
-    """POST raw bytes (NaN and Infinity literals allowed, which client libraries refuse to send)."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{server.base_url}{path}", data=data, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        raw = error.read()
-        try:
-            payload = json.loads(raw)
-        except json.JSONDecodeError:
-            payload = raw.decode(errors="replace")
-        return error.code, dict(error.headers), payload
-
-
 def base_body(model: str, route: str, sample: LoadedSample) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "max_tokens": 1, "temperature": 0}
     if route == "/v1/chat/completions":
@@ -95,8 +70,7 @@ def base_body(model: str, route: str, sample: LoadedSample) -> dict[str, Any]:
 
 
 def worker_state(server: Any) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(f"{server.base_url}/v1/modality_steer/state", timeout=30) as response:
-        return json.loads(response.read())["workers"]
+    return list(server_state(server)["workers"])
 
 
 def wait_for_state(server: Any, holds: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
@@ -121,128 +95,15 @@ def wait_until_released(server: Any, timeout: float = 30.0) -> list[dict[str, An
 
 def assert_server_still_serves(server: Any, model: str, sample: LoadedSample) -> None:
     assert server.healthy()
-    status, headers, reply = post(
-        server, "/v1/chat/completions", {**base_body(model, ROUTES[0], sample), "modality_steer": "image"}
+    reply = http_request(
+        server, ROUTES[0], "POST", body={**base_body(model, ROUTES[0], sample), "modality_steer": "image"}
     )
-    assert status == 200 and headers["x-modality-steer"].startswith("mode=image"), reply
+    assert reply.status == 200 and reply.headers["x-modality-steer"].startswith("mode=image"), reply
 
 
 # --------------------------------------------------------------------------------------------------
-# Bad input: one row per case, the expected status and error text.
+# Fuzzing (each kind of bad value, one row per case, and the OpenAPI document: tests/test_policy_app.py).
 # --------------------------------------------------------------------------------------------------
-
-TOO_MANY_HEADS = [[layer, head, 1.5] for layer in range(2) for head in range(4)] + [[0, 0, 1.5]]
-BAD_INPUT: list[tuple[str, str, dict[str, Any], str]] = [
-    # (case, server, request fields, expected error text)
-    ("gain NaN", "open", {"modality_steer": {"follow": "text", "gain": float("nan")}}, "gain must be finite"),
-    (
-        "gain +inf",
-        "open",
-        {"modality_steer": {"follow": "text", "gain": float("inf")}},
-        "gain must be finite",
-    ),
-    (
-        "gain -inf",
-        "open",
-        {"modality_steer": {"follow": "image", "gain": float("-inf")}},
-        "gain must be finite",
-    ),
-    ("gain negative", "open", {"modality_steer": {"follow": "text", "gain": -1}}, "gain must lie in [0, 8]"),
-    ("gain above max", "open", {"modality_steer": {"follow": "text", "gain": 9}}, "gain must lie in [0, 8]"),
-    ("gain string", "open", {"modality_steer": {"follow": "text", "gain": "2"}}, "gain must be a number"),
-    ("gain bool", "open", {"modality_steer": {"follow": "text", "gain": True}}, "gain must be a number"),
-    ("gain null", "open", {"modality_steer": {"follow": "text", "gain": None}}, "gain must be a number"),
-    (
-        "gain object",
-        "open",
-        {"modality_steer": {"follow": "text", "gain": {"a": 1}}},
-        "gain must be a number",
-    ),
-    (
-        "nested object",
-        "open",
-        {"modality_steer": {"follow": {"follow": "text"}}},
-        "follow must be 'image' or",
-    ),
-    ("unknown mode", "open", {"modality_steer": "loud"}, "unknown mode 'loud'"),
-    ("unknown follow", "open", {"modality_steer": {"follow": "both"}}, "follow must be 'image' or 'text'"),
-    ("unknown keys", "open", {"modality_steer": {"follow": "text", "boost": 2}}, "unknown keys"),
-    ("number", "open", {"modality_steer": 2}, "got int"),
-    ("list", "open", {"modality_steer": ["image"]}, "got list"),
-    ("layer out of range", "open", {"modality_steer": {"heads": [[2, 0, 1.0]]}}, "layer 2 is out of range"),
-    ("head out of range", "open", {"modality_steer": {"heads": [[0, 4, 1.0]]}}, "head 4 is out of range"),
-    ("negative head", "open", {"modality_steer": {"heads": [[0, -1, 1.0]]}}, "head -1 is out of range"),
-    ("float layer", "open", {"modality_steer": {"heads": [[0.5, 0, 1.0]]}}, "layer must be an integer"),
-    ("head not a triple", "open", {"modality_steer": {"heads": [[0, 0]]}}, "must be [layer, head, gain]"),
-    ("duplicated head", "open", {"modality_steer": {"heads": [[0, 0, 1.0], [0, 0, 2.0]]}}, "listed twice"),
-    ("empty head list", "open", {"modality_steer": {"heads": []}}, "non-empty list"),
-    ("oversized head list", "open", {"modality_steer": {"heads": TOO_MANY_HEADS}}, "only 8 heads"),
-    ("raw head gain NaN", "open", {"modality_steer": {"heads": [[0, 0, float("nan")]]}}, "must be finite"),
-    ("raw heads not allowed", "closed", {"modality_steer": {"heads": [[0, 0, 0.0]]}}, "--allow-raw-heads"),
-    ("xargs malformed JSON", "open", {"vllm_xargs": {"modality_steer": "{not json"}}, "not valid JSON"),
-    (
-        "xargs gain too big",
-        "open",
-        {"vllm_xargs": {"modality_steer": '{"follow":"text","gain":99}'}},
-        "[0, 8]",
-    ),
-    (
-        "xargs NaN literal",
-        "open",
-        {"vllm_xargs": {"modality_steer": '{"follow":"text","gain":NaN}'}},
-        "finite",
-    ),
-    (
-        "xargs not a string",
-        "open",
-        {"vllm_xargs": {"modality_steer": {"follow": "text"}}},
-        "must be a string",
-    ),
-    ("xargs not an object", "open", {"vllm_xargs": "modality_steer=text"}, "vllm_xargs must be an object"),
-    ("given twice", "open", {"modality_steer": "text", "vllm_xargs": {"modality_steer": "text"}}, "once"),
-]
-
-
-@pytest.mark.parametrize(("case", "which", "fields", "needle"), BAD_INPUT, ids=[row[0] for row in BAD_INPUT])
-@pytest.mark.parametrize("route", ROUTES)
-def test_bad_input_gets_400_and_the_server_stays_healthy(
-    request, long_llava, serve_samples, route, case, which, fields, needle
-):
-    server = request.getfixturevalue(f"{which}_server")
-    status, _, reply = post(server, route, {**base_body(str(long_llava), route, serve_samples[0]), **fields})
-    assert status == 400, (case, reply)
-    error = reply["error"]
-    assert error["param"] == "modality_steer" and error["type"] == "BadRequestError", error
-    assert needle in error["message"], (case, error["message"])
-    assert server.healthy()
-
-
-def test_oversized_body_gets_413(open_server, long_llava, serve_samples):
-    from steer_server.serving.api import MAX_BODY_BYTES
-
-    body = base_body(str(long_llava), ROUTES[1], serve_samples[0])
-    body["prompt"] = "x" * (MAX_BODY_BYTES + 1)
-    status, _, reply = post(open_server, ROUTES[1], body)
-    assert status == 413, reply
-    assert_server_still_serves(open_server, str(long_llava), serve_samples[0])
-
-
-# --------------------------------------------------------------------------------------------------
-# The OpenAPI document and fuzzing.
-# --------------------------------------------------------------------------------------------------
-
-
-def test_openapi_documents_the_parameter(open_server):
-    with urllib.request.urlopen(f"{open_server.base_url}/openapi.json", timeout=30) as response:
-        document = json.loads(response.read())
-    schemas = document["components"]["schemas"]
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
-        field = schemas[name]["properties"]["modality_steer"]
-        forms = field["anyOf"]
-        assert {"type": "string", "enum": ["off", "image", "text"]} in forms
-        follow = next(f for f in forms if f.get("properties", {}).get("follow"))
-        assert follow["properties"]["gain"] == {"type": "number", "minimum": 0, "maximum": 8.0}
-        assert any("heads" in f.get("properties", {}) for f in forms)  # --allow-raw-heads is on
 
 
 JSON_SCALARS = st.none() | st.booleans() | st.integers(-(10**9), 10**9) | st.floats() | st.text(max_size=12)
@@ -282,13 +143,13 @@ def test_fuzzed_modality_steer_never_gets_a_5xx(open_server, long_llava, serve_s
             body["vllm_xargs"] = {"modality_steer": value if isinstance(value, str) else json.dumps(value)}
         else:
             body["vllm_xargs"] = {"modality_steer": value}
-        status, _, reply = post(open_server, route, body)
-        seen[status] = seen.get(status, 0) + 1
-        assert status < 500, (body.get("modality_steer"), body.get("vllm_xargs"), reply)
-        if status == 400:
-            assert reply["error"]["param"] == "modality_steer", reply
+        reply = http_request(open_server, route, "POST", body=body)
+        seen[reply.status] = seen.get(reply.status, 0) + 1
+        assert reply.status < 500, (body.get("modality_steer"), body.get("vllm_xargs"), reply)
+        if reply.status == 400:
+            assert reply.json()["error"]["param"] == "modality_steer", reply
         else:
-            assert status == 200, reply
+            assert reply.status == 200, reply
 
     case()
     assert seen.get(200) and seen.get(400), seen  # the fuzzer reached both sides of the validation
@@ -348,12 +209,14 @@ def test_concurrent_mixed_load_completes_exactly_and_releases_every_slot(
 ):
     model = str(long_llava)
     requests = [_load_request(i, model, serve_samples) for i in range(LOAD_REQUESTS)]
-    alone = [_tokens(route, post(open_server, route, body)[2]) for route, body in requests]
+    alone = [
+        _tokens(route, http_request(open_server, route, "POST", body=body).json()) for route, body in requests
+    ]
 
     def timed(item: tuple[str, dict[str, Any]]) -> tuple[int, Any, float]:
         started = time.perf_counter()
-        status, _, reply = post(open_server, *item, timeout=300)
-        return status, reply, time.perf_counter() - started
+        reply = http_request(open_server, item[0], "POST", body=item[1], timeout=300)
+        return reply.status, reply.json(), time.perf_counter() - started
 
     rss = [_server_rss(open_server)]
     latencies: list[float] = []
@@ -491,10 +354,12 @@ def _engine_core(server: Any) -> psutil.Process:
     raise AssertionError(f"no EngineCore process under {root.pid}: {[c.name() for c in root.children(True)]}")
 
 
-def test_engine_death_gives_5xx_and_the_server_stops(closed_server, long_llava, serve_samples):
+def test_engine_death_gives_5xx_and_the_server_stops(open_server, long_llava, serve_samples):
+    """The last test of the module on this server: it kills its engine."""
+    server = open_server
     model = str(long_llava)
-    assert_server_still_serves(closed_server, model, serve_samples[0])
-    os.kill(_engine_core(closed_server).pid, signal.SIGKILL)
+    assert_server_still_serves(server, model, serve_samples[0])
+    os.kill(_engine_core(server).pid, signal.SIGKILL)
     statuses: list[int | str] = []
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -503,16 +368,16 @@ def test_engine_death_gives_5xx_and_the_server_stops(closed_server, long_llava, 
             if steer:
                 body["modality_steer"] = steer
             try:
-                statuses.append(post(closed_server, ROUTES[0], body, timeout=10)[0])
+                statuses.append(http_request(server, ROUTES[0], "POST", body=body, timeout=10).status)
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
                 statuses.append(type(exc).__name__)
-        if closed_server.process.poll() is not None:
+        if server.process.poll() is not None:
             break
         time.sleep(1.0)
     assert 200 not in statuses, statuses
-    assert any(isinstance(s, int) and s >= 500 for s in statuses) or closed_server.process.poll() is not None
-    assert closed_server.process.poll() is not None, f"the server kept running without an engine: {statuses}"
-    assert not closed_server.healthy()
+    assert any(isinstance(s, int) and s >= 500 for s in statuses) or server.process.poll() is not None
+    assert server.process.poll() is not None, f"the server kept running without an engine: {statuses}"
+    assert not server.healthy()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +20,7 @@ from helpers import (
     assert_same_steps,
     chat,
     engine_env,
+    http_request,
     reference_steps,
     run_engine_script,
     serve,
@@ -39,8 +39,9 @@ MODE = ["text", "off", "image", "text", "text", "heads", None, None]
 
 
 def _get(server, path: str) -> str:
-    with urllib.request.urlopen(f"{server.base_url}{path}", timeout=30) as response:
-        return str(response.read().decode())
+    reply = http_request(server, path, timeout=30)
+    assert reply.status == 200, reply
+    return reply.body.decode()
 
 
 def _steer_metrics(text: str) -> dict[str, float]:

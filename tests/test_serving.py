@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,9 +17,11 @@ from helpers import (
     SPECS,
     assert_same_steps,
     chat,
+    http_request,
     reference_steps,
     serve,
     served_steps,
+    server_state,
     write_profile,
 )
 
@@ -41,7 +41,7 @@ def llava_server(tiny_llava, llava_profile):
 
 def _series(server) -> list[tuple[str, str, float]]:
     """(name, labels as written, value) of every sample line of the server's /metrics."""
-    text = urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10).read().decode()
+    text = http_request(server, "/metrics", timeout=10).body.decode()
     lines = [line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#")]
     return [(*series.partition("{")[::2], float(value)) for series, _, value in lines]
 
@@ -116,11 +116,6 @@ def _steps_for_specs(server, model, samples):
     ]
 
 
-def _state(server) -> dict:
-    with urllib.request.urlopen(f"{server.base_url}/v1/modality_steer/state", timeout=30) as response:
-        return json.load(response)
-
-
 def test_pipeline_parallel_2_equals_1(tiny_llava, llava_profile, llava_server, serve_samples):
     """Each stage steers the profile's heads on the layers it holds (global layer indices); the profile
     has heads on both stages (layers 0 and 1 of the 2-layer model)."""
@@ -136,7 +131,7 @@ def test_pipeline_parallel_2_equals_1(tiny_llava, llava_profile, llava_server, s
     # None"), with or without the plugin.
     with serve(tiny_llava, llava_profile, "--pipeline-parallel-size", "2", env=env) as pp2_server:
         pp2 = _steps_for_specs(pp2_server, tiny_llava, serve_samples)
-        workers = _state(pp2_server)["workers"]
+        workers = server_state(pp2_server)["workers"]
     for got, expected in zip(pp2, pp1, strict=True):
         assert_same_steps(got, expected, 1e-4)
     stages = sorted((w["pp_rank"], w["layers"], w["steered_layers"]) for w in workers)
@@ -144,7 +139,7 @@ def test_pipeline_parallel_2_equals_1(tiny_llava, llava_profile, llava_server, s
 
 
 def _spec_decode_counts(server) -> dict[str, float]:
-    text = urllib.request.urlopen(f"{server.base_url}/metrics", timeout=10).read().decode()
+    text = http_request(server, "/metrics", timeout=10).body.decode()
     counts: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("vllm:spec_decode_num_"):

@@ -1,36 +1,60 @@
-"""`--enforce-steer`: every request steered as enforced; anything else refused with 403."""
+"""A deployment's policy end to end: one server under `--enforce-steer text`, `--api-key` and a root path,
+serving the embedded toy with its shipped profile (canaries on), compared with transformers.
+
+The policy's answers on every route, for every kind of value, are tested on vLLM's own app in-process
+(tests/test_policy_app.py); this server checks that its route table is that app's, and what only an
+engine shows: the answers are the steered ones, on every route and request form, and nothing is generated
+without the key.
+"""
 
 from __future__ import annotations
 
-import json
+from functools import cache
 
 import openai
 import pytest
 from helpers import (
     assert_every_route_needs_the_key,
     assert_same_steps,
+    build_vllm_app,
     chat,
+    generated_tokens,
     http_request,
     reference_steps,
     serve,
     served_steps,
+    server_send,
+    server_state,
+    walk_body,
 )
 
-from steer_server.data.prompts import INSTRUCTIONS, openai_messages
-from steer_server.hf.model import load_model
+from steer_server.data.prompts import openai_messages
+from steer_server.eval.demo import toy_profile_path
+from steer_server.hf.model import LoadedModel, load_model
 from steer_server.profile import load_profile
-from steer_server.toy.tokenizer import build_tokenizer
+from steer_server.serving.launcher import VllmServer
+from steer_server.serving.settings import ALLOW_RAW_HEADS_ENV, ENFORCE_STEER_ENV
+from steer_server.toy.model import toy_model_dir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-
 API_KEY = "test-key-7c1f"
+ROOT = "/api"
+VLLM_ARGS = ("--api-key", API_KEY, "--root-path", ROOT)
+STEER_ARGS = ("--enforce-steer", "text", "--allow-raw-heads", "--canaries", "on")
+MODEL = str(toy_model_dir())
+
+
+@cache
+def toy_reference() -> LoadedModel:
+    return load_model(toy_model_dir())
 
 
 class _KeyedServer:
-    """The enforced server with its key filled in for every client."""
+    """The enforced server with its key filled in for every client (which sends no root path: the router
+    matches paths with and without it)."""
 
-    def __init__(self, server):
+    def __init__(self, server: VllmServer) -> None:
         self.server = server
         self.base_url = server.base_url
 
@@ -39,14 +63,10 @@ class _KeyedServer:
 
 
 @pytest.fixture(scope="module")
-def enforced_raw_server(tiny_llava, llava_profile):
+def enforced_raw_server():
+    """The toy with its shipped profile: every request text-steered, API key, root path, canaries on."""
     with serve(
-        tiny_llava,
-        llava_profile,
-        "--enforce-eager",
-        "--api-key",
-        API_KEY,
-        steer_args=["--enforce-steer", "text"],
+        toy_model_dir(), toy_profile_path(), "--enforce-eager", *VLLM_ARGS, steer_args=STEER_ARGS
     ) as server:
         yield server
 
@@ -56,85 +76,177 @@ def enforced_server(enforced_raw_server):
     return _KeyedServer(enforced_raw_server)
 
 
-FORBIDDEN = [
-    {"modality_steer": "image"},
-    {"modality_steer": {"heads": [[0, 0, 1.0]]}},
-    {"vllm_xargs": {"modality_steer": '{"heads": [[1, 3, 0.0]]}'}},
-    {"modality_steer": "off"},
-    {"modality_steer": {"follow": "text", "gain": 0}},
-    {"vllm_xargs": {"modality_steer": "image"}},
-    {"vllm_xargs": {"modality_steer": "off"}},
-]
+def _post(server, path: str, body, *, prefixed: bool = True):
+    return http_request(server, (ROOT if prefixed else "") + path, "POST", key=API_KEY, body=body)
 
 
-@pytest.mark.parametrize("extra", FORBIDDEN, ids=[json.dumps(e) for e in FORBIDDEN])
-def test_enforced_policy_refuses_everything_else_with_403(enforced_server, tiny_llava, serve_samples, extra):
-    with pytest.raises(openai.PermissionDeniedError) as caught:
-        enforced_server.client().chat.completions.create(
-            model=str(tiny_llava),
-            messages=openai_messages(serve_samples[0]),
-            max_tokens=2,
-            extra_body=extra,
+def test_the_served_route_table_and_state_are_those_of_vllms_app(enforced_raw_server):
+    """The in-process app of tests/test_policy_app.py is the one this server runs: the same route table
+    from the same arguments; the canaries passed under the policy and the key; no slot held."""
+    state = server_state(enforced_raw_server, key=API_KEY, root=ROOT)
+    app = build_vllm_app(
+        toy_model_dir(),
+        toy_profile_path(),
+        VLLM_ARGS,
+        {ENFORCE_STEER_ENV: "text", ALLOW_RAW_HEADS_ENV: "1"},
+    )
+    in_process = app.send()("GET", "/v1/modality_steer/state", API_KEY, None).json()
+    assert state["routes"] == in_process["routes"]
+    assert state["policy"] == in_process["policy"] == {"default": "off", "enforce": "text"}
+    assert state["canaries"]["status"] == "passed", state["canaries"]
+    assert [w["slots_in_use"] for w in state["workers"]] == [0]
+
+
+def test_canaries_need_what_no_client_may_ask_for(enforced_server):
+    """The canaries ran steering a client gets 403 for under `--enforce-steer text` (off, image, a block):
+    the internal path gave it to them, and only to them."""
+    for asked in ("off", "image", {"follow": "text", "gain": 0}):
+        reply = _post(
+            enforced_server,
+            "/v1/completions",
+            {"model": MODEL, "prompt": "hi", "max_tokens": 1, "modality_steer": asked},
         )
-    assert caught.value.body["param"] == "modality_steer" and "enforces" in caught.value.body["message"]
+        assert reply.status == 403, reply
 
 
-def test_enforced_policy_steers_requests_without_a_field(
-    enforced_server, tiny_llava, llava_profile, serve_samples
-):
-    enforced = served_steps(chat(enforced_server.client(), str(tiny_llava), serve_samples[1]))
-    expected = reference_steps(load_model(tiny_llava), load_profile(llava_profile), serve_samples[1], "text")
+def test_enforced_policy_steers_requests_without_a_field(enforced_server, serve_samples):
+    enforced = served_steps(chat(enforced_server.client(), MODEL, serve_samples[1]))
+    expected = reference_steps(toy_reference(), load_profile(toy_profile_path()), serve_samples[1], "text")
     assert_same_steps(enforced, expected, 1e-3)
     raw = enforced_server.client().chat.completions.with_raw_response.create(
-        model=str(tiny_llava), messages=openai_messages(serve_samples[1]), max_tokens=2
+        model=MODEL, messages=openai_messages(serve_samples[1]), max_tokens=2
     )
     assert raw.headers["x-modality-steer"].startswith("mode=text; gain=3")
-    same = enforced_server.client().chat.completions.with_raw_response.create(
-        model=str(tiny_llava),
-        messages=openai_messages(serve_samples[1]),
-        max_tokens=2,
-        extra_body={"modality_steer": "text"},
-    )
-    assert same.headers["x-modality-steer"].startswith("mode=text; gain=3")
     with pytest.raises(openai.BadRequestError, match="gain must lie in"):
         enforced_server.client().completions.create(
-            model=str(tiny_llava),
+            model=MODEL,
             prompt="x",
             max_tokens=2,
             extra_body={"modality_steer": {"follow": "text", "gain": -1}},
         )
 
 
-@pytest.fixture(scope="module")
-def default_inject_server(tiny_llava, llava_profile):
-    args = ["--default-steer", "image", "--inject-instruction", "--allow-raw-heads"]
-    with serve(tiny_llava, llava_profile, "--enforce-eager", steer_args=args) as server:
-        yield server
+def _bodies(sample) -> dict[str, dict]:
+    """A greedy request without steering for every route that reaches generation (a steered route missing
+    here fails test_every_steered_route_answers_text_steered)."""
+    return {
+        "/v1/chat/completions": {
+            "model": MODEL,
+            "messages": openai_messages(sample),
+            "max_tokens": 3,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 5,
+            "ignore_eos": True,
+        },
+        "/v1/completions": {
+            "model": MODEL,
+            "prompt": "USER: What colour is the object?\nASSISTANT:",
+            "max_tokens": 3,
+            "temperature": 0,
+            "logprobs": 5,
+            "ignore_eos": True,
+        },
+        "/v1/responses": {
+            "model": MODEL,
+            "input": "What colour is the object?",
+            "max_output_tokens": 3,
+            "temperature": 0,
+        },
+        "/v1/messages": {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "What colour is the object?"}],
+            "max_tokens": 3,
+            "temperature": 0,
+        },
+    }
 
 
-def test_default_steer_and_injected_instruction(default_inject_server, tiny_llava, serve_samples):
-    """A request without a field gets the default steering and the mode's instruction sentence; an explicit
-    "off" is served unsteered and without the sentence."""
-    client = default_inject_server.client()
-    messages = openai_messages(serve_samples[2], with_instruction=False)
+def _answer(path: str, body: dict):
+    """What a route answered: its tokens with top logprobs where it has them, else its text."""
+    if path == "/v1/chat/completions":
+        return [
+            (s["token"], {t["token"]: round(t["logprob"], 4) for t in s["top_logprobs"]})
+            for s in body["choices"][0]["logprobs"]["content"]
+        ]
+    if path == "/v1/completions":
+        return body["choices"][0]["logprobs"]["top_logprobs"]
+    if path == "/v1/responses":
+        return [part["text"] for item in body["output"] for part in item.get("content") or []]
+    return body["content"]
 
-    def ask(extra):
-        return client.chat.completions.with_raw_response.create(
-            model=str(tiny_llava),
-            messages=messages,
-            max_tokens=4,
-            temperature=0,
-            logprobs=True,
-            top_logprobs=5,
-            extra_body={"ignore_eos": True, **extra},
+
+def test_every_steered_route_answers_text_steered(enforced_server, serve_samples):
+    """On every steered route of the running app, with and without the root path: a request without a
+    field is answered as one that asks for text, labelled; on chat, as transformers answers text-steered."""
+    bodies = _bodies(serve_samples[3])
+    routes = server_state(enforced_server, key=API_KEY)["routes"]
+    assert set(routes["steered"]) <= set(bodies), "a steered route the tests do not know"
+    for path in routes["steered"]:
+        for prefixed in (True, False):
+            implicit = _post(enforced_server, path, bodies[path], prefixed=prefixed)
+            explicit = _post(
+                enforced_server, path, {**bodies[path], "modality_steer": "text"}, prefixed=prefixed
+            )
+            for reply in (implicit, explicit):
+                assert reply.status == 200, (path, reply)
+                assert reply.headers["x-modality-steer"].startswith("mode=text; gain=3"), (
+                    path,
+                    reply.headers,
+                )
+            assert _answer(path, implicit.json()) == _answer(path, explicit.json()), path
+    reply = _post(enforced_server, "/v1/chat/completions", bodies["/v1/chat/completions"])
+    expected = reference_steps(toy_reference(), load_profile(toy_profile_path()), serve_samples[3], "text")
+    got = [
+        (token.strip(), {k.strip(): v for k, v in top.items()})
+        for token, top in _answer("/v1/chat/completions", reply.json())
+    ]
+    assert_same_steps(got, expected[: len(got)], 1e-3)
+
+
+def test_beam_search_runs_enforced(enforced_server, serve_samples):
+    """Under enforcement beam search runs text-steered: with one beam it is the greedy text-steered answer,
+    which is not the unsteered one (transformers, steering off)."""
+    beam = {"model": MODEL, "max_tokens": 3, "use_beam_search": True, "n": 1, "ignore_eos": True}
+    profile = load_profile(toy_profile_path())
+    differs = 0
+    for sample in serve_samples[:8]:
+        messages = openai_messages(sample)
+        searched = _post(enforced_server, "/v1/chat/completions", {**beam, "messages": messages})
+        assert searched.status == 200, searched
+        greedy = _post(
+            enforced_server,
+            "/v1/chat/completions",
+            {
+                "model": MODEL,
+                "messages": messages,
+                "max_tokens": 3,
+                "temperature": 0,
+                "ignore_eos": True,
+                "logprobs": True,
+            },
         )
+        answers = [r.json()["choices"][0]["message"]["content"].strip() for r in (searched, greedy)]
+        assert answers[0] == answers[1], answers
+        greedy_tokens = [s["token"].strip() for s in greedy.json()["choices"][0]["logprobs"]["content"]]
+        unsteered = [token for token, _ in reference_steps(toy_reference(), profile, sample, "off")][:3]
+        differs += greedy_tokens != unsteered
+    assert differs > 0, "the samples must show the steering"
 
-    defaulted, explicit, off = ask({}), ask({"modality_steer": "image"}), ask({"modality_steer": "off"})
-    assert defaulted.headers["x-modality-steer"].startswith("mode=image; gain=3")
-    assert "x-modality-steer" not in off.headers
-    assert served_steps(defaulted.parse()) == served_steps(explicit.parse())
-    sentence_tokens = len(build_tokenizer()(INSTRUCTIONS["image"], add_special_tokens=False)["input_ids"])
-    assert defaulted.parse().usage.prompt_tokens == off.parse().usage.prompt_tokens + sentence_tokens
+
+def test_every_route_of_the_running_server_needs_the_key(enforced_raw_server):
+    """The route walk on the running app (under its root path): nothing but the public probes answers
+    without the key, and nothing is generated; with the key, chat generates."""
+    before = generated_tokens(enforced_raw_server.base_url)
+    assert_every_route_needs_the_key(
+        server_send(enforced_raw_server, ROOT),
+        MODEL,
+        API_KEY,
+        nothing_reached=lambda: generated_tokens(enforced_raw_server.base_url) == before,
+    )
+    reply = _post(enforced_raw_server, "/v1/chat/completions", walk_body(MODEL))
+    assert reply.status == 200, reply
+    assert generated_tokens(enforced_raw_server.base_url) > before
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,14 +264,12 @@ def _stream_tokens(stream) -> list[str]:
     ]
 
 
-def test_streaming_and_n_greater_than_one_stay_enforced(
-    enforced_server, tiny_llava, llava_profile, serve_samples
-):
+def test_streaming_and_n_greater_than_one_stay_enforced(enforced_server, serve_samples):
     client = enforced_server.client()
     sample = serve_samples[3]
-    expected = reference_steps(load_model(tiny_llava), load_profile(llava_profile), sample, "text")
+    expected = reference_steps(toy_reference(), load_profile(toy_profile_path()), sample, "text")
     common = {
-        "model": str(tiny_llava),
+        "model": MODEL,
         "messages": openai_messages(sample),
         "max_tokens": len(expected),
         "temperature": 0,
@@ -189,53 +299,9 @@ def test_streaming_and_n_greater_than_one_stay_enforced(
             client.chat.completions.create(n=2, **{**common, "temperature": 0.5, "extra_body": extra})
         with pytest.raises(openai.PermissionDeniedError):
             client.completions.create(
-                model=str(tiny_llava),
+                model=MODEL,
                 prompt="USER: hi ASSISTANT:",
                 max_tokens=2,
                 stream=True,
                 extra_body=extra,
             )
-
-
-# --------------------------------------------------------------------------------------------------
-# --api-key: nothing is served, and nothing about steering is answered, without the key.
-# --------------------------------------------------------------------------------------------------
-
-UNAUTHENTICATED = [
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-    (
-        "POST",
-        "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": "hi"}], "modality_steer": "off"},
-    ),
-    ("POST", "/v1/completions", {"prompt": "hi", "modality_steer": {"follow": "text", "gain": 99}}),
-    ("POST", "/v1/completions", {"prompt": "hi", "vllm_xargs": {"modality_steer": "{broken"}}),
-    ("GET", "/v1/models", None),
-    ("GET", "/v1/modality_steer/state", None),
-]
-
-
-@pytest.mark.parametrize(
-    ("method", "path", "fields"), UNAUTHENTICATED, ids=[f"{m} {p}" for m, p, _ in UNAUTHENTICATED]
-)
-@pytest.mark.parametrize("key", [None, "wrong-key"])
-def test_api_key_is_required_before_anything_else(enforced_raw_server, tiny_llava, method, path, fields, key):
-    """vLLM's authentication runs before modality-steer reads the request: a request without the key gets
-    401, never a steering error (which would tell an anonymous client about the policy) or an answer."""
-    body = None if fields is None else {"model": str(tiny_llava), "max_tokens": 2, **fields}
-    status, _ = http_request(f"{enforced_raw_server.base_url}{path}", method, key, body, timeout=30)
-    assert status == 401
-
-
-def test_every_route_of_the_keyed_enforced_server_needs_the_key(enforced_raw_server, tiny_llava):
-    """The route walk of tests/test_api_key.py on this server: an enforced policy, no root path."""
-    assert_every_route_needs_the_key(enforced_raw_server, tiny_llava, API_KEY)
-
-
-def test_state_endpoint_answers_with_the_key(enforced_raw_server):
-    status, raw = http_request(
-        f"{enforced_raw_server.base_url}/v1/modality_steer/state", key=API_KEY, timeout=30
-    )
-    assert status == 200
-    state = json.loads(raw)
-    assert [w["slots_in_use"] for w in state["workers"]] == [0]
