@@ -320,8 +320,8 @@ def assert_every_route_needs_the_key(
     send: Send, model: str, key: str, nothing_reached: Callable[[], bool]
 ) -> None:
     """Every route of the app (from its own route table, every method it takes, path parameters filled
-    in): without the key 401 and `nothing_reached()` stays true, unless it is a public probe; with the
-    key, not 401, and a steering error still answered on a steered route.
+    in): without the key 401 (vLLM's own answer) and `nothing_reached()` stays true, unless it is a public
+    probe; with the key, steering errors are answered again (a steered and a refused route).
 
     Args:
         send: a running server's or an in-process app's :data:`Send` (with its root path).
@@ -350,8 +350,9 @@ def assert_every_route_needs_the_key(
                 assert reply.json() == {"error": "Unauthorized"}, (method, path, reply.body[:200])
     assert walked >= 30, walked  # every method of every route of vLLM 0.32's app (40 here)
     assert nothing_reached(), "an unauthenticated request got through"
-    reply = send("POST", "/invocations", key, {**body, "modality_steer": "bogus"})
-    assert reply.status in (400, 403) and b"modality_steer" in reply.body, reply
+    for path in ("/v1/chat/completions", "/invocations"):
+        reply = send("POST", path, key, {**body, "modality_steer": "bogus"})
+        assert reply.status == 400 and reply.json()["error"]["param"] == "modality_steer", (path, reply)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,9 +366,10 @@ APP_PASS_THROUGH = frozenset({"/openapi.json"})
 
 
 class _StandIn:
-    """The innermost middleware of an in-process app: records each request that got past modality-steer
-    (method, route path, the body as it was handed on) and answers it with 200 in vLLM's place (there is no
-    engine), except :data:`APP_PASS_THROUGH`."""
+    """The innermost middleware of an in-process app: records each request that got past modality-steer to
+    a route that takes it (method, path, the body as it was handed on) and answers it with 200 in vLLM's
+    place (there is no engine); :data:`APP_PASS_THROUGH` and requests no route takes go on to vLLM's
+    router."""
 
     def __init__(self, app: Any, reached: list[tuple[str, str, bytes]]) -> None:
         self.app = app
@@ -378,8 +380,8 @@ class _StandIn:
             await self.app(scope, receive, send)
             return
         path = scope["path"].removeprefix(scope.get("root_path", ""))
-        if path in APP_PASS_THROUGH:
-            await self.app(scope, receive, send)
+        if path in APP_PASS_THROUGH or not _routed(scope):
+            await self.app(scope, receive, send)  # vLLM's router answers 404 / 405 itself
             return
         body = b""
         while True:
@@ -396,6 +398,13 @@ class _StandIn:
             }
         )
         await send({"type": "http.response.body", "body": b'{"reached": "vllm"}'})
+
+
+def _routed(scope: Any) -> bool:
+    """Whether a route of the app takes the request (path and method), as the router matches it."""
+    from starlette.routing import Match
+
+    return any(route.matches(scope)[0] == Match.FULL for route in scope["app"].routes)
 
 
 @dataclass
@@ -417,13 +426,54 @@ class InProcessApp:
         return [json.loads(body) for _, _, body in self.reached if body]
 
 
-def build_vllm_app(
-    model: Path, profile: Path, vllm_args: tuple[str, ...] = (), steer_env: dict[str, str] | None = None
-) -> InProcessApp:
-    """vLLM's app for `vllm serve MODEL VLLM_ARGS` as `modality-steer serve --profile PROFILE` would start
-    it, in this process; `steer_env`: the plugin's settings as the CLI puts them in the environment
-    (steer_server/serving/settings.py), e.g. ``{ENFORCE_STEER_ENV: "text"}``. The settings hold for this
-    app only (its middleware and OpenAPI document are built here, and the environment restored)."""
+class _Exec(Exception):
+    """Raised in place of `os.execvp` by :func:`serve_command`: the command `modality-steer serve` would run."""
+
+    def __init__(self, command: list[str]) -> None:
+        super().__init__(command)
+        self.command = command
+
+
+def serve_command(model: Path, profile: Path, args: tuple[str, ...]) -> list[str]:
+    """What `modality-steer serve MODEL --profile PROFILE ARGS` would run (its `os.execvp` replaced): the
+    vLLM command line; the deployment's settings are then in this process's environment, as the CLI puts
+    them there for every process of the deployment. The caller restores the environment.
+
+    Raises:
+        AssertionError: serve refused the arguments (its message included).
+    """
+    from unittest import mock
+
+    from typer.testing import CliRunner
+
+    from steer_server.cli import app
+
+    def execvp(file: str, command: list[str]) -> None:
+        raise _Exec(command)
+
+    with mock.patch("os.execvp", execvp):
+        result = CliRunner().invoke(app, ["serve", str(model), "--profile", str(profile), *args])
+    assert isinstance(result.exception, _Exec), (result.exit_code, result.output)
+    return list(result.exception.command)
+
+
+def build_vllm_app(model: Path, profile: Path, args: tuple[str, ...] = ()) -> InProcessApp:
+    """vLLM's app as `modality-steer serve MODEL --profile PROFILE ARGS` would start it (ARGS: the CLI's own
+    flags, e.g. ``--enforce-steer text``, and vLLM's, e.g. ``--api-key K``), in this process: the CLI turns
+    its flags into the deployment's settings (:func:`serve_command`), and vLLM's parser and `build_app`
+    build the app from the vLLM arguments.
+
+    Hermetic: the settings hold for this app only (its middleware and OpenAPI document are built here),
+    and the process is left as it was: environment, adapter rows (only the two that put the middleware
+    into the app are installed, then removed) and vLLM's general plugins (not loaded by the argument
+    parser here, so the plugin does not register in this process).
+
+    Unlike a served app: the supported tasks are fixed to ``("generate",)`` and no model config is read;
+    there is no engine, no start-up handshake and no canary run; whatever gets past modality-steer to a
+    route is answered 200 by the stand-in (where vLLM would validate the body and generate).
+    tests/test_serving_policy.py compares a running server's route table with this app's.
+    """
+    import vllm.plugins
     from starlette.middleware import Middleware
     from starlette.testclient import TestClient
     from vllm.entrypoints.launchers.app import build_app
@@ -431,38 +481,47 @@ def build_vllm_app(
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from steer_server.serving.policy import policy
-    from steer_server.serving.settings import PROFILE_ENV, settings
+    from steer_server.serving.settings import settings
     from steer_server.serving.vllm_adapter import hooks, table
 
-    variables = {PROFILE_ENV: str(profile), **(steer_env or {})}
-    saved = {name: os.environ.get(name) for name in [*variables, "VLLM_API_KEY"]}
-    installed = [key for key in APP_ROWS if not table.installed(key)]
+    saved_env = dict(os.environ)
+    saved_rows = {key for key in _adapter_row_keys() if table.installed(key)}
+    saved_plugins_loaded = vllm.plugins.plugins_loaded
     try:
-        os.environ.update(variables)
         os.environ.pop("VLLM_API_KEY", None)
+        command = serve_command(model, profile, args)
+        vllm_args = command[command.index("serve") + 2 :]  # after `serve MODEL`
         settings.cache_clear()
         policy.cache_clear()
-        for key in installed:
-            table.install(key, hooks._init_entrypoints_middleware)
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", str(model), *vllm_args])
-        app = build_app(args, ("generate",))
+        vllm.plugins.plugins_loaded = True  # the parser would load (register) the plugin: the whole adapter
+        for key in APP_ROWS:
+            if not table.installed(key):
+                table.install(key, hooks._init_entrypoints_middleware)
+        parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", str(model), *vllm_args])
+        app = build_app(parsed, ("generate",))
         reached: list[tuple[str, str, bytes]] = []
         app.user_middleware.append(Middleware(_StandIn, reached=reached))
         app.middleware_stack = app.build_middleware_stack()
         app.openapi()
         app.state.engine_client = _ArmedEngine(settings())
     finally:
-        for key in installed:
-            table.uninstall(key)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        vllm.plugins.plugins_loaded = saved_plugins_loaded
+        for key in _adapter_row_keys():
+            if table.installed(key) and key not in saved_rows:
+                table.uninstall(key)
+        os.environ.clear()
+        os.environ.update(saved_env)
         settings.cache_clear()
         policy.cache_clear()
-    root = args.root_path or ""
+    root = parsed.root_path or ""
     return InProcessApp(app, TestClient(app, root_path=root), reached, root)
+
+
+def _adapter_row_keys() -> list[str]:
+    """Every row key of the adapter table."""
+    from steer_server.serving.vllm_adapter.table import ROWS
+
+    return [row.key for row in ROWS]
 
 
 class _ArmedEngine:

@@ -374,7 +374,7 @@ def test_the_handshake_runs_before_vllm_serves(monkeypatch, llava_profile):
 
 
 # --------------------------------------------------------------------------------------------------
-# Every route of the running app.
+# Beam search and the prefix cache.
 # --------------------------------------------------------------------------------------------------
 
 

@@ -53,7 +53,8 @@ def long_llava(tiny_llava, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def open_server(long_llava, llava_profile):
-    """Raw heads allowed, max gain 8 (the default); vLLM logs aborts (the abort test reads them)."""
+    """Raw heads allowed, max gain 8 (the default); vLLM logs aborts (the abort test reads them). The
+    engine-death test, the module's last, kills it."""
     with serve(
         long_llava, llava_profile, "--enforce-eager", "--enable-log-requests", *LONG_CONTEXT
     ) as server:
@@ -102,8 +103,19 @@ def assert_server_still_serves(server: Any, model: str, sample: LoadedSample) ->
 
 
 # --------------------------------------------------------------------------------------------------
-# Fuzzing (each kind of bad value, one row per case, and the OpenAPI document: tests/test_policy_app.py).
+# A body too large, and fuzzing (each kind of bad value, one row per case: tests/test_policy_app.py).
 # --------------------------------------------------------------------------------------------------
+
+
+def test_oversized_body_gets_413(open_server, long_llava, serve_samples):
+    """Over the wire the body arrives in many chunks, and the answer comes before the last of them."""
+    from steer_server.serving.api import MAX_BODY_BYTES
+
+    body = base_body(str(long_llava), ROUTES[1], serve_samples[0])
+    body["prompt"] = "x" * (MAX_BODY_BYTES + 1)
+    reply = http_request(open_server, ROUTES[1], "POST", body=body)
+    assert reply.status == 413, reply
+    assert_server_still_serves(open_server, str(long_llava), serve_samples[0])
 
 
 JSON_SCALARS = st.none() | st.booleans() | st.integers(-(10**9), 10**9) | st.floats() | st.text(max_size=12)

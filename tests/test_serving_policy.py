@@ -33,7 +33,6 @@ from steer_server.eval.demo import toy_profile_path
 from steer_server.hf.model import LoadedModel, load_model
 from steer_server.profile import load_profile
 from steer_server.serving.launcher import VllmServer
-from steer_server.serving.settings import ALLOW_RAW_HEADS_ENV, ENFORCE_STEER_ENV
 from steer_server.toy.model import toy_model_dir
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -84,12 +83,7 @@ def test_the_served_route_table_and_state_are_those_of_vllms_app(enforced_raw_se
     """The in-process app of tests/test_policy_app.py is the one this server runs: the same route table
     from the same arguments; the canaries passed under the policy and the key; no slot held."""
     state = server_state(enforced_raw_server, key=API_KEY, root=ROOT)
-    app = build_vllm_app(
-        toy_model_dir(),
-        toy_profile_path(),
-        VLLM_ARGS,
-        {ENFORCE_STEER_ENV: "text", ALLOW_RAW_HEADS_ENV: "1"},
-    )
+    app = build_vllm_app(toy_model_dir(), toy_profile_path(), (*STEER_ARGS, *VLLM_ARGS))
     in_process = app.send()("GET", "/v1/modality_steer/state", API_KEY, None).json()
     assert state["routes"] == in_process["routes"]
     assert state["policy"] == in_process["policy"] == {"default": "off", "enforce": "text"}
@@ -205,8 +199,8 @@ def test_every_steered_route_answers_text_steered(enforced_server, serve_samples
 
 
 def test_beam_search_runs_enforced(enforced_server, serve_samples):
-    """Under enforcement beam search runs text-steered: with one beam it is the greedy text-steered answer,
-    which is not the unsteered one (transformers, steering off)."""
+    """Under enforcement beam search runs text-steered: with one beam it is the greedy answer, which is the
+    text-steered one of transformers, and text steering changes the answer of some samples."""
     beam = {"model": MODEL, "max_tokens": 3, "use_beam_search": True, "n": 1, "ignore_eos": True}
     profile = load_profile(toy_profile_path())
     differs = 0
@@ -228,9 +222,12 @@ def test_beam_search_runs_enforced(enforced_server, serve_samples):
         )
         answers = [r.json()["choices"][0]["message"]["content"].strip() for r in (searched, greedy)]
         assert answers[0] == answers[1], answers
-        greedy_tokens = [s["token"].strip() for s in greedy.json()["choices"][0]["logprobs"]["content"]]
-        unsteered = [token for token, _ in reference_steps(toy_reference(), profile, sample, "off")][:3]
-        differs += greedy_tokens != unsteered
+        steered, unsteered = (
+            [token for token, _ in reference_steps(toy_reference(), profile, sample, steer)][:3]
+            for steer in ("text", "off")
+        )
+        assert [s["token"].strip() for s in greedy.json()["choices"][0]["logprobs"]["content"]] == steered
+        differs += steered != unsteered
     assert differs > 0, "the samples must show the steering"
 
 
