@@ -305,6 +305,38 @@ def generated_tokens(base_url: str) -> float:
 WALK_BODY_TEXT = "What colour is the object?"
 
 
+def generation_bodies(model: str, messages: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A greedy request without steering for every route of vLLM 0.32's app that reaches generation (chat
+    with `messages`; logprobs where the route has them); a steered route missing here fails the tests that
+    walk the steered routes."""
+    return {
+        "/v1/chat/completions": {
+            "model": model,
+            "messages": messages,
+            "max_tokens": 3,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 5,
+            "ignore_eos": True,
+        },
+        "/v1/completions": {
+            "model": model,
+            "prompt": f"USER: {WALK_BODY_TEXT}\nASSISTANT:",
+            "max_tokens": 3,
+            "temperature": 0,
+            "logprobs": 5,
+            "ignore_eos": True,
+        },
+        "/v1/responses": {"model": model, "input": WALK_BODY_TEXT, "max_output_tokens": 3, "temperature": 0},
+        "/v1/messages": {
+            "model": model,
+            "messages": [{"role": "user", "content": WALK_BODY_TEXT}],
+            "max_tokens": 3,
+            "temperature": 0,
+        },
+    }
+
+
 def walk_body(model: str) -> dict[str, Any]:
     """One body that every route of vLLM's app would accept as a request (completion, chat, responses)."""
     return {
@@ -417,9 +449,14 @@ class InProcessApp:
     client: Any
     reached: list[tuple[str, str, bytes]]
     root: str = ""
+    key: str | None = None  # the first `--api-key`, sent by :meth:`post`
 
     def send(self) -> Send:
         return client_send(self.client, self.root)
+
+    def post(self, path: str, body: Any, *, prefixed: bool = True) -> Reply:
+        """POST `body` with the app's key, under its root path unless `prefixed` is false."""
+        return client_send(self.client, self.root if prefixed else "")("POST", path, self.key, body)
 
     def steered_bodies(self) -> list[dict[str, Any]]:
         """The JSON bodies handed on to vLLM so far."""
@@ -514,7 +551,8 @@ def build_vllm_app(model: Path, profile: Path, args: tuple[str, ...] = ()) -> In
         settings.cache_clear()
         policy.cache_clear()
     root = parsed.root_path or ""
-    return InProcessApp(app, TestClient(app, root_path=root), reached, root)
+    key = parsed.api_key[0] if parsed.api_key else None
+    return InProcessApp(app, TestClient(app, root_path=root), reached, root, key)
 
 
 def _adapter_row_keys() -> list[str]:

@@ -23,7 +23,7 @@ from helpers import (
     Reply,
     assert_every_route_needs_the_key,
     build_vllm_app,
-    client_send,
+    generation_bodies,
 )
 
 from steer_server.data.prompts import INSTRUCTIONS, insert_instruction, openai_messages, user_text
@@ -93,15 +93,6 @@ def test_building_the_app_leaves_the_process_as_it_was(tiny_llava, llava_profile
     assert reply.status == 400 and "--allow-raw-heads" in _error(reply)["message"], reply
 
 
-def _key(name: str) -> str | None:
-    return KEY if name.startswith("keyed") else None
-
-
-def _post(app: InProcessApp, path: str, body: Any, *, name: str, prefixed: bool = True) -> Reply:
-    """POST to `app` (with the key where it has one), under its root path unless `prefixed` is false."""
-    return client_send(app.client, app.root if prefixed else "")("POST", path, _key(name), body)
-
-
 def _error(reply: Reply) -> dict[str, Any]:
     return dict(reply.json()["error"])
 
@@ -118,8 +109,8 @@ def test_every_route_of_vllms_app_is_classified(app_for, name):
     generation routes are steered."""
     app = app_for(name)
     send = app.send()
-    routes = send("GET", "/v1/modality_steer/state", _key(name), None).json()["routes"]
-    document = send("GET", "/openapi.json", _key(name), None).json()
+    routes = send("GET", "/v1/modality_steer/state", app.key, None).json()["routes"]
+    document = send("GET", "/openapi.json", app.key, None).json()
     known = set(routes["steered"]) | set(routes["inert"]) | set(routes["refused"])
     assert set(document["paths"]) <= known, set(document["paths"]) - known
     assert set(routes["refused"]) == EXPECTED_REFUSED, routes["refused"]
@@ -206,26 +197,7 @@ def test_the_state_endpoint_answers_with_the_key(app_for):
 
 
 def _bodies(model: str) -> dict[str, dict[str, Any]]:
-    """A valid request without steering for every route that reaches generation (a steered route missing
-    here fails test_every_steered_route_obeys_the_policy)."""
-    return {
-        "/v1/chat/completions": {
-            "model": model,
-            "messages": [{"role": "user", "content": "What colour is the object?"}],
-            "max_tokens": 3,
-        },
-        "/v1/completions": {
-            "model": model,
-            "prompt": "USER: What colour is the object?\nASSISTANT:",
-            "max_tokens": 3,
-        },
-        "/v1/responses": {"model": model, "input": "What colour is the object?", "max_output_tokens": 3},
-        "/v1/messages": {
-            "model": model,
-            "messages": [{"role": "user", "content": "What colour is the object?"}],
-            "max_tokens": 3,
-        },
-    }
+    return generation_bodies(model, [{"role": "user", "content": "What colour is the object?"}])
 
 
 BAD_SPECS = ["bogus", {"follow": "image", "gain": -1}, {"follow": "sideways"}]
@@ -255,25 +227,25 @@ def test_every_steered_route_obeys_the_policy(app_for, tiny_llava, name):
         body = bodies[path]
         for bad, prefixed in itertools.product(BAD_SPECS, prefixes):
             for fields in ({"modality_steer": bad}, {"vllm_xargs": {"modality_steer": json.dumps(bad)}}):
-                reply = _post(app, path, {**body, **fields}, name=name, prefixed=prefixed)
+                reply = app.post(path, {**body, **fields}, prefixed=prefixed)
                 assert reply.status == 400 and _error(reply)["param"] == "modality_steer", (path, bad, reply)
         assert app.reached == []
         if name == "open":
-            reply = _post(app, path, {**body, "modality_steer": "image"}, name=name)
+            reply = app.post(path, {**body, "modality_steer": "image"})
             assert reply.status == 200 and reply.headers["x-modality-steer"].startswith("mode=image; gain=3")
             assert _handed_on_spec(app.reached.pop()[2]) == "image"
-            reply = _post(app, path, body, name=name)
+            reply = app.post(path, body)
             assert reply.status == 200 and "x-modality-steer" not in reply.headers
             assert _handed_on_spec(app.reached.pop()[2]) == "off"  # the engine applies no default to it
             continue
         for asked, prefixed in itertools.product(OTHER_SPECS, prefixes):
-            reply = _post(app, path, {**body, "modality_steer": asked}, name=name, prefixed=prefixed)
+            reply = app.post(path, {**body, "modality_steer": asked}, prefixed=prefixed)
             assert reply.status == 403 and _error(reply)["param"] == "modality_steer", (path, asked, reply)
             assert "enforces" in _error(reply)["message"]
         assert app.reached == []
         for prefixed in prefixes:
-            implicit = _post(app, path, body, name=name, prefixed=prefixed)
-            explicit = _post(app, path, {**body, "modality_steer": "text"}, name=name, prefixed=prefixed)
+            implicit = app.post(path, body, prefixed=prefixed)
+            explicit = app.post(path, {**body, "modality_steer": "text"}, prefixed=prefixed)
             for reply in (implicit, explicit):
                 assert reply.status == 200 and reply.headers["x-modality-steer"].startswith(
                     "mode=text; gain=3"
@@ -291,8 +263,8 @@ def test_every_refused_route_is_refused_as_the_policy_says(app_for, tiny_llava, 
     app = app_for(name)
     model = str(tiny_llava)
     for path in sorted(EXPECTED_REFUSED):
-        carries = _post(app, path, {"model": model, "prompt": "hi", "modality_steer": "text"}, name=name)
-        plain = _post(app, path, {"model": model, "prompt": "hi"}, name=name)
+        carries = app.post(path, {"model": model, "prompt": "hi", "modality_steer": "text"})
+        plain = app.post(path, {"model": model, "prompt": "hi"})
         if name == "enforced":
             assert carries.status in (400, 403) and _error(carries)["param"] == "modality_steer", (
                 path,
@@ -327,9 +299,9 @@ def test_the_default_and_the_injected_instruction(app_for, tiny_llava, serve_sam
     }
     for path, (plain, instructed) in routes.items():
         body = {"model": str(tiny_llava), "max_tokens": 4, **plain}
-        defaulted = _post(app, path, body, name="default-inject")
-        explicit = _post(app, path, {**body, "modality_steer": "image"}, name="default-inject")
-        off = _post(app, path, {**body, "modality_steer": "off"}, name="default-inject")
+        defaulted = app.post(path, body)
+        explicit = app.post(path, {**body, "modality_steer": "image"})
+        off = app.post(path, {**body, "modality_steer": "off"})
         assert defaulted.headers["x-modality-steer"].startswith("mode=image; gain=3")
         assert explicit.headers["x-modality-steer"] == defaulted.headers["x-modality-steer"]
         assert "x-modality-steer" not in off.headers
@@ -359,7 +331,7 @@ FORBIDDEN = [
 def test_the_enforced_policy_refuses_everything_else_with_403(app_for, tiny_llava, path, extra):
     app = app_for("keyed-enforced")
     body = {**_bodies(str(tiny_llava))[path], **extra}
-    reply = _post(app, path, body, name="keyed-enforced")
+    reply = app.post(path, body)
     assert reply.status == 403, reply
     error = _error(reply)
     assert error["param"] == "modality_steer" and error["type"] == "PermissionDeniedError"
@@ -448,7 +420,7 @@ BAD_INPUT: list[tuple[str, str, dict[str, Any], str]] = [
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_bad_values_get_400_naming_the_fault(app_for, tiny_llava, path, case, name, fields, needle):
     app = app_for(name)
-    reply = _post(app, path, {**_bodies(str(tiny_llava))[path], **fields}, name=name)
+    reply = app.post(path, {**_bodies(str(tiny_llava))[path], **fields})
     assert reply.status == 400, (case, reply)
     error = _error(reply)
     assert error["param"] == "modality_steer" and error["type"] == "BadRequestError", error
@@ -461,7 +433,7 @@ def test_an_oversized_body_gets_413_and_malformed_json_is_left_to_vllm(app_for, 
 
     app = app_for("open")
     body = {**_bodies(str(tiny_llava))["/v1/completions"], "prompt": "x" * (MAX_BODY_BYTES + 1)}
-    reply = _post(app, "/v1/completions", body, name="open")
+    reply = app.post("/v1/completions", body)
     assert reply.status == 413 and _error(reply)["type"] == "RequestTooLargeError", reply.status
     assert app.reached == []
     enforced = app_for("enforced")

@@ -19,6 +19,7 @@ from helpers import (
     build_vllm_app,
     chat,
     generated_tokens,
+    generation_bodies,
     http_request,
     reference_steps,
     serve,
@@ -121,39 +122,7 @@ def test_enforced_policy_steers_requests_without_a_field(enforced_server, serve_
 
 
 def _bodies(sample) -> dict[str, dict]:
-    """A greedy request without steering for every route that reaches generation (a steered route missing
-    here fails test_every_steered_route_answers_text_steered)."""
-    return {
-        "/v1/chat/completions": {
-            "model": MODEL,
-            "messages": openai_messages(sample),
-            "max_tokens": 3,
-            "temperature": 0,
-            "logprobs": True,
-            "top_logprobs": 5,
-            "ignore_eos": True,
-        },
-        "/v1/completions": {
-            "model": MODEL,
-            "prompt": "USER: What colour is the object?\nASSISTANT:",
-            "max_tokens": 3,
-            "temperature": 0,
-            "logprobs": 5,
-            "ignore_eos": True,
-        },
-        "/v1/responses": {
-            "model": MODEL,
-            "input": "What colour is the object?",
-            "max_output_tokens": 3,
-            "temperature": 0,
-        },
-        "/v1/messages": {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "What colour is the object?"}],
-            "max_tokens": 3,
-            "temperature": 0,
-        },
-    }
+    return generation_bodies(MODEL, openai_messages(sample))
 
 
 def _answer(path: str, body: dict):
